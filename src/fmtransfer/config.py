@@ -1,0 +1,337 @@
+"""Typed run configs: YAML in and out, validated at load, `a.b.c=value` overrides.
+
+A run config has fixed top-level sections. The `name` (or `recipe`) key of the `task`, `student`,
+`method` and each teacher selects a registered component, whose own dataclass is the schema of the
+rest of that section; so a new method brings its own options without touching this file.
+Every error is one line naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from fmtransfer.errors import ConfigError
+
+
+@dataclass
+class TaskConfig:
+    """Base of every task's config."""
+
+    name: str = "movielens"
+    labels: int | float | None = None
+    """Labeled part of the training split: a count (an integer) or a fraction (0 < f <= 1.0); null = all.
+    The rest of the training split is the unlabeled transfer set."""
+    split_seed: int = 0
+    """Seed of the random ID split (kept apart from the run seed so seeds share one split)."""
+
+    def __post_init__(self) -> None:
+        if self.labels is not None and self.labels <= 0:
+            raise ConfigError(f"task.labels: must be > 0 (a count or a fraction), got {self.labels}")
+        if isinstance(self.labels, float) and self.labels > 1:
+            raise ConfigError(f"task.labels: a fraction must be <= 1.0 (write a count as an integer), "
+                              f"got {self.labels}")
+
+
+@dataclass
+class ModelConfig:
+    """Base of every model's config (students and complementary teachers)."""
+
+    name: str = "mlrec"
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's config."""
+
+    name: str = "student"
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop (shared by students and teacher preparation)."""
+
+    epochs: int = 10
+    batch_size: int = 512
+    labeled_batch_size: int | None = None
+    """Rows of labeled data per step when a method also reads the transfer set (default: batch_size)."""
+    steps_per_epoch: int | None = None
+    """Fixed steps per epoch (cycling the data); null = one pass over the main stream."""
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    grad_clip: float | None = 5.0
+    patience: int | None = None
+    """Stop after this many epochs without a better validation score (null: run every epoch)."""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16 autocast for the forward pass (losses stay fp32)."""
+    num_threads: int | None = None
+    eval_batch_size: int = 8192
+    find_unused_parameters: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
+
+
+@dataclass
+class TeacherConfig:
+    """Base of every teacher recipe's config."""
+
+    recipe: str = "supervised"
+    kind: Literal["foundation", "complementary"] = "complementary"
+    seed: int | None = None
+    """Seed of the teacher's preparation; null = the run's seed."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class RunConfig:
+    """One experiment: a task, a student, a committee of teachers, a method and a loop."""
+
+    task: TaskConfig = field(default_factory=TaskConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teachers: dict[str, TeacherConfig] = field(default_factory=dict)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+    reference_teacher: str | None = None
+    """Teacher for 'gap recovered' (default: the first foundation teacher, else the first teacher)."""
+    cache_dir: str = ".fmtransfer_cache"
+    """Prepared teachers, text embeddings and reference results; shared by runs."""
+
+    def __post_init__(self) -> None:
+        if self.reference_teacher is not None and self.reference_teacher not in self.teachers:
+            raise ConfigError(
+                f"reference_teacher: {self.reference_teacher!r} is not a teacher "
+                f"(allowed: {', '.join(self.teachers) or 'none configured'})"
+            )
+
+    def reference_teacher_name(self) -> str | None:
+        if self.reference_teacher:
+            return self.reference_teacher
+        for name, t in self.teachers.items():
+            if t.kind == "foundation":
+                return name
+        return next(iter(self.teachers), None)
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is not None:
+        return getattr(origin, "__name__", str(origin))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (int -> float, dict -> dataclass)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{path}: {value!r} is not allowed (allowed: {', '.join(map(str, allowed))})")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{path}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        _, val_tp = typing.get_args(tp) or (str, Any)
+        return {str(k): _coerce(v, val_tp, f"{path}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types with one-line errors."""
+    where = path or "config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ConfigError(
+            f"{_join(path, str(unknown[0]))}: unknown key (allowed: {', '.join(fields)})"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _resolve_section(cls, name, hints[name], value, _join(path, name))
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _resolve_section(owner: type, name: str, tp: Any, value: Any, path: str) -> Any:
+    """Sections whose schema depends on a registered name (task, student, method, teachers)."""
+    from fmtransfer.registry import METHODS, MODELS, RECIPES, TASKS
+
+    selectors = {TaskConfig: (TASKS, "name"), ModelConfig: (MODELS, "name"),
+                 MethodConfig: (METHODS, "name"), TeacherConfig: (RECIPES, "recipe")}
+    base = tp
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and args[0] in selectors:
+            return None if value is None else _resolve_section(owner, name, args[0], value, path)
+    if typing.get_origin(tp) is dict and typing.get_args(tp)[1] is TeacherConfig:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping of teacher name -> teacher config, got {value!r}")
+        return {str(k): _resolve_section(owner, name, TeacherConfig, v, f"{path}.{k}") for k, v in value.items()}
+    if isinstance(base, type) and base in selectors:
+        registry, key = selectors[base]
+        value = {} if value is None else value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        default_name = getattr(base(), key)
+        chosen = value.get(key, default_name)
+        if not isinstance(chosen, str):
+            raise ConfigError(f"{path}.{key}: expected a string, got {chosen!r}")
+        try:
+            entry = registry.get(chosen)
+        except ConfigError as e:
+            raise ConfigError(f"{path}.{key}: {e}") from None
+        return from_dict(entry.config_cls, {**value, key: chosen}, path)
+    return _coerce(value, tp, path)
+
+
+def to_dict(cfg: Any) -> Any:
+    """Dataclass -> plain dict (round-trips through `from_dict`)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+# -------------------------------------------------------------------------------------------- overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b.c=value' -> (['a','b','c'], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.epochs=5")
+    key, raw = text.split("=", 1)
+    keys = [k for k in key.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return keys, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides to a raw (unvalidated) config dict, in place; returns it."""
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides]
+    for keys, value in items:
+        if isinstance(keys, str):
+            keys = keys.split(".")
+        node = raw
+        for k in keys[:-1]:
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = node[k] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {'.'.join(keys)}: {k!r} is not a section")
+            node = nxt
+        node[keys[-1]] = value
+    return raw
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                raw: dict[str, Any] | None = None) -> RunConfig:
+    """Read YAML (or take `raw`), apply overrides, validate; any problem raises a one-line ConfigError."""
+    data = dict(raw) if raw is not None else read_yaml(path) if path is not None else {}
+    apply_overrides(data, overrides or [])
+    return from_dict(RunConfig, data)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

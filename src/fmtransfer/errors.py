@@ -1,0 +1,19 @@
+"""User-facing errors: one line that names the problem and the fix; the CLI exits with code 2."""
+
+from __future__ import annotations
+
+
+class FmtError(Exception):
+    """Base class for errors caused by the user's input (config, data, files), not by a bug."""
+
+
+class ConfigError(FmtError):
+    """A malformed or inconsistent configuration."""
+
+
+class DataError(FmtError):
+    """Missing data package, missing column, or data that does not fit a model."""
+
+
+class ArtifactError(FmtError):
+    """A corrupt or stale checkpoint, cache entry or teacher artifact."""

@@ -1,0 +1,55 @@
+"""The method interface: an nn.Module holding the student and any trainable distillation parts.
+
+`forward(batch)` returns `{"loss": total, <named terms>...}`; `predict(batch)` runs the student alone
+(what is evaluated and exported). Teachers are not submodules: their frozen outputs arrive in the
+batch as `teacher:<name>`, read from the prepared-teacher cache, so DDP wraps only trainable parts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from fmtransfer.config import MethodConfig
+from fmtransfer.data.base import TaskData
+from fmtransfer.errors import ConfigError
+from fmtransfer.models.base import TaskModel
+
+
+class Method(nn.Module):
+    """Base class of every method; subclasses set `uses_transfer` and implement `forward`."""
+
+    uses_transfer: ClassVar[bool] = False
+    """True when the method reads the unlabeled transfer set (distillation terms)."""
+
+    def __init__(self, cfg: MethodConfig, student: TaskModel, task: TaskData, teachers: dict[str, Any]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.student = student
+        self.task_type = task.task_type
+        self.teacher_info = {name: {"kind": t.kind, "out_shape": tuple(t.outputs.shape[1:])}
+                             for name, t in teachers.items()}
+
+    @classmethod
+    def required_teachers(cls, cfg: MethodConfig, available: list[str]) -> list[str]:
+        """Names of the teachers whose outputs this method reads (validated against `available`)."""
+        return []
+
+    def predict(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.student(batch)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+def pick_teacher(name: str | None, available: list[str], method: str) -> str:
+    """Resolve a method's `teacher` option: a configured teacher name, or the first teacher if null."""
+    if not available:
+        raise ConfigError(f"method {method} needs a teacher; add one under `teachers:`")
+    if name is None:
+        return available[0]
+    if name not in available:
+        raise ConfigError(f"method.teacher: {name!r} is not a configured teacher (allowed: {', '.join(available)})")
+    return name

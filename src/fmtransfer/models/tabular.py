@@ -1,0 +1,123 @@
+"""Feature-based models: embeddings for categorical views, dense views as they are, an MLP on top.
+
+`mlrec` is the application model of recommendation tasks (the student, or with wide settings the
+complementary teacher); `mlp` is the same idea for tasks whose only view is a dense vector.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fmtransfer.config import ModelConfig
+from fmtransfer.data.base import TaskData
+from fmtransfer.errors import ConfigError
+from fmtransfer.models.base import TaskModel, mlp, output_dim, squeeze_regression
+from fmtransfer.registry import MODELS
+
+
+@dataclass
+class FeatureModelConfig(ModelConfig):
+    name: str = "mlrec"
+    features: list[str] | None = None
+    """Feature views to read (default: every view of the task)."""
+    id_dim: int = 8
+    """Embedding size of large categorical features (more than `small_card` values: users, items)."""
+    small_dim: int = 4
+    """Embedding size of small categorical features and of multi-hot/dense vector views."""
+    small_card: int = 100
+    hidden: list[int] = field(default_factory=lambda: [32])
+    dropout: float = 0.0
+    bias_features: list[str] = field(default_factory=lambda: ["user", "item"])
+    """Categorical features that also get a scalar bias added to a regression output."""
+    interactions: list[list[str]] = field(default_factory=lambda: [["user", "item"]])
+    """Pairs of same-size embeddings whose elementwise product joins the representation beside the MLP
+    output (as in NeuMF): the head can then form a dot product, which an MLP learns poorly."""
+
+
+class FeatureModel(TaskModel):
+    """Embeds each view, concatenates, runs an MLP; regression adds per-ID biases and the target mean."""
+
+    def __init__(self, cfg: FeatureModelConfig, task: TaskData) -> None:
+        super().__init__()
+        names = cfg.features or list(task.features)
+        missing = [f for f in names if f not in task.features]
+        if missing:
+            raise ConfigError(f"student.features: {missing[0]!r} is not a feature of task {task.name} "
+                              f"(allowed: {', '.join(task.features)})")
+        self.task_type = task.task_type
+        self.embeds = nn.ModuleDict()
+        self.dense = nn.ModuleDict()
+        self.scalars: list[str] = []
+        width = 0
+        for f in names:
+            t = task.features[f]
+            if not t.is_floating_point():
+                card = task.cardinalities.get(f)
+                if card is None:
+                    raise ConfigError(f"task {task.name}: categorical feature {f!r} has no cardinality")
+                dim = cfg.id_dim if card > cfg.small_card else cfg.small_dim
+                self.embeds[f] = nn.Embedding(card, dim)
+                nn.init.normal_(self.embeds[f].weight, std=0.05)
+                width += dim
+            elif t.dim() == 1:
+                self.scalars.append(f)
+                width += 1
+            else:
+                self.dense[f] = nn.Linear(t.shape[1], cfg.small_dim)
+                width += cfg.small_dim
+        self.out_dim = output_dim(task)
+        sizes = [width, *cfg.hidden]
+        self.trunk = mlp(sizes, cfg.dropout) if cfg.hidden else nn.Identity()
+        self.act = nn.GELU() if cfg.hidden else nn.Identity()
+        self.pairs = [(a, b) for a, b in cfg.interactions if a in self.embeds and b in self.embeds]
+        for a, b in self.pairs:
+            if self.embeds[a].embedding_dim != self.embeds[b].embedding_dim:
+                raise ConfigError(f"interactions: {a!r} and {b!r} have embeddings of different sizes")
+        self.rep_dim = sizes[-1] + sum(self.embeds[a].embedding_dim for a, _ in self.pairs)
+        self.out = nn.Linear(self.rep_dim, self.out_dim)
+        self.biases = nn.ModuleDict()
+        if self.task_type == "regression":
+            for f in cfg.bias_features:
+                if f in self.embeds:
+                    self.biases[f] = nn.Embedding(task.cardinalities[f], 1)
+                    nn.init.zeros_(self.biases[f].weight)
+            train_y = task.y[task.splits["train"]].float()
+            self.register_buffer("mean", train_y.mean().reshape(1))
+        else:
+            self.register_buffer("mean", torch.zeros(1))
+
+    def body(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        embs = {f: emb(batch[f]) for f, emb in self.embeds.items()}
+        parts = list(embs.values())
+        parts += [batch[f].float().unsqueeze(-1) for f in self.scalars]
+        parts += [lin(batch[f].float()) for f, lin in self.dense.items()]
+        z = self.act(self.trunk(torch.cat(parts, dim=-1)))
+        if self.pairs:
+            z = torch.cat([z, *[embs[a] * embs[b] for a, b in self.pairs]], dim=-1)
+        return z
+
+    def head(self, z: torch.Tensor) -> torch.Tensor:
+        return squeeze_regression(self.out(z), self.task_type)
+
+    def offset(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | float:
+        if self.task_type != "regression":
+            return 0.0
+        total = self.mean.expand(len(next(iter(batch.values()))))
+        for f, emb in self.biases.items():
+            total = total + emb(batch[f]).squeeze(-1)
+        return total
+
+
+@dataclass
+class MLPConfig(FeatureModelConfig):
+    name: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [20])
+    bias_features: list[str] = field(default_factory=list)
+    interactions: list[list[str]] = field(default_factory=list)
+
+
+MODELS.register("mlrec", FeatureModelConfig, FeatureModel)
+MODELS.register("mlp", MLPConfig, FeatureModel)

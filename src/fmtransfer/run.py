@@ -1,0 +1,218 @@
+"""`fmtransfer run`: one experiment from config to metrics.json, the same under python and torchrun.
+
+DIR/config.yaml (resolved), DIR/log.jsonl, DIR/checkpoint.pt (every epoch), DIR/student.safetensors
+(the student alone, best validation epoch) and DIR/metrics.json (written last: its presence means
+the run finished).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from fmtransfer.config import RunConfig, dump_config, to_dict
+from fmtransfer.data.base import TaskData
+from fmtransfer.errors import ConfigError
+from fmtransfer.evaluate import gap_recovered
+from fmtransfer.registry import METHODS, MODELS, TASKS
+from fmtransfer.teachers.base import PreparedTeacher, prepare_teacher
+from fmtransfer.train.distributed import DistContext, init_distributed, shutdown
+from fmtransfer.train.loop import fit, predict_rows
+from fmtransfer.utils import atomic_write_bytes, atomic_write_json, count_params, seed_everything, stable_hash
+
+DEBUG_DUMP_ENV = "FMTRANSFER_DEBUG_DUMP_STATE"
+"""Tests set this to a folder: every rank writes its final trainable state there."""
+
+
+class JsonlLog:
+    """Appends one JSON object per line (rank 0 only)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+
+    def __call__(self, entry: dict[str, Any]) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"time": round(time.time(), 3), **entry}) + "\n")
+
+    def phase(self, name: str) -> JsonlLog:
+        parent = self
+
+        class _Phase(JsonlLog):
+            def __call__(self, entry: dict[str, Any]) -> None:
+                parent({"phase": name, **entry})
+
+        return _Phase(self.path)
+
+
+def build_task(cfg: RunConfig) -> TaskData:
+    return TASKS.get(cfg.task.name).impl(cfg.task)
+
+
+def _reference_key(cfg: RunConfig, task: TaskData) -> str:
+    return stable_hash([task.fingerprint, to_dict(cfg.student), to_dict(cfg.train), cfg.seed])
+
+
+def _reference_path(cfg: RunConfig, task: TaskData) -> Path:
+    return Path(cfg.cache_dir) / "references" / f"student-{_reference_key(cfg, task)}.json"
+
+
+def _evaluate(method: torch.nn.Module, task: TaskData, batch_size: int, device: torch.device) -> dict[str, Any]:
+    method.eval()
+    out: dict[str, Any] = {}
+    for split in ("val", "test"):
+        rows = task.splits[split]
+        out[split] = task.score(predict_rows(method.predict, task, rows, batch_size, device), rows)
+    out["ood"] = {}
+    for suite in task.ood_suites:
+        rows = task.splits[f"ood/{suite}"]
+        out["ood"][suite] = task.score(predict_rows(method.predict, task, rows, batch_size, device), rows)
+    return out
+
+
+def prepare_teachers(cfg: RunConfig, task: TaskData, names: list[str], ctx: DistContext,
+                     log: JsonlLog) -> dict[str, PreparedTeacher]:
+    out = {}
+    for name in names:
+        tcfg = cfg.teachers[name]
+        seed = tcfg.seed if tcfg.seed is not None else cfg.seed
+        out[name] = prepare_teacher(name, tcfg, task, cfg.cache_dir, seed=seed, ctx=ctx,
+                                    log=log.phase(f"teacher:{name}"))
+    return out
+
+
+def run_experiment(cfg: RunConfig, out_dir: str | Path, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Run one experiment and return its metrics (also written to DIR/metrics.json)."""
+    out = Path(out_dir)
+    metrics_path = out / "metrics.json"
+    if metrics_path.exists():
+        if resume:
+            return json.loads(metrics_path.read_text())
+        raise ConfigError(f"{out} already holds a finished run (metrics.json); choose another --out")
+    if (out / "checkpoint.pt").exists() and not resume:
+        raise ConfigError(f"{out} holds an unfinished run; pass --resume to continue it or choose another --out")
+    ctx = init_distributed(cfg.train.device)
+    try:
+        return _run(cfg, out, resume, ctx, quiet)
+    finally:
+        shutdown(ctx)
+
+
+def _run(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool) -> dict[str, Any]:
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    seed_everything(cfg.seed)
+    config_hash = stable_hash(to_dict(cfg))
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / "config.yaml", dump_config(cfg).encode())
+    log = JsonlLog(out / "log.jsonl" if ctx.is_main else None)
+    t_start = time.perf_counter()
+    task = build_task(cfg)
+    method_entry = METHODS.get(cfg.method.name)
+    needed = method_entry.impl.required_teachers(cfg.method, list(cfg.teachers))
+    ref_name = cfg.reference_teacher_name()
+    names = needed + ([ref_name] if ref_name and ref_name not in needed else [])
+    teachers = prepare_teachers(cfg, task, names, ctx, log)
+    t_cache = time.perf_counter() - t_start
+
+    torch.manual_seed(cfg.seed)  # the student's init must not depend on whether teachers came from the cache
+    student = MODELS.get(cfg.student.name).impl(cfg.student, task)
+    n_student = count_params(student)
+    for t in teachers.values():
+        if t.kind == "foundation" and n_student > t.params / 10:
+            warnings.warn(f"student has {n_student:,} parameters, more than a tenth of foundation teacher "
+                          f"{t.name!r} ({t.params:,})", stacklevel=1)
+    method = method_entry.impl(cfg.method, student, task, {n: teachers[n] for n in needed})
+    uses_transfer = method.uses_transfer and len(task.splits.get("transfer", [])) > 0
+    torch.manual_seed(cfg.seed)
+    t_train0 = time.perf_counter()
+    result = fit(method, task, cfg.train, seed=cfg.seed, ctx=ctx,
+                 teacher_outputs={n: teachers[n].outputs for n in needed}, uses_transfer=uses_transfer,
+                 ckpt_path=out / "checkpoint.pt", resume=resume, config_hash=config_hash,
+                 desc=cfg.method.name, log=log.phase("train"))
+    t_train = time.perf_counter() - t_train0
+    dump = os.environ.get(DEBUG_DUMP_ENV)
+    if dump:  # tests compare every rank's final weights (DDP must keep them identical)
+        Path(dump).mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in result.last_state.items()}, f"{dump}/rank{ctx.rank}.safetensors")
+
+    t_eval0 = time.perf_counter()
+    method.load_state_dict(result.last_state)
+    last = _evaluate(method, task, cfg.train.eval_batch_size, ctx.device)
+    method.load_state_dict(result.best_state)
+    best = _evaluate(method, task, cfg.train.eval_batch_size, ctx.device)
+    t_eval = time.perf_counter() - t_eval0
+
+    metrics = _metrics(cfg, task, teachers, best, last, result, n_student, ctx,
+                       {"cache": t_cache, "train": t_train, "eval": t_eval})
+    if ctx.is_main:
+        student_state = {k[len("student."):]: v.contiguous() for k, v in result.best_state.items()
+                         if k.startswith("student.")}
+        save_file(student_state, str(out / "student.safetensors"),
+                  metadata={"task": task.name, "method": cfg.method.name, "model": cfg.student.name})
+        if cfg.method.name == "student":
+            atomic_write_json(_reference_path(cfg, task), {"metric": task.metric, "test": best["test"],
+                                                           "ood": best["ood"], "run": str(out)})
+        atomic_write_json(out / "metrics.json", metrics)
+        log({"phase": "done", "test": best["test"], "seconds": metrics["seconds"]})
+        if not quiet:
+            print(format_summary(metrics), flush=True)
+    return metrics
+
+
+def _metrics(cfg: RunConfig, task: TaskData, teachers: dict[str, PreparedTeacher], best: dict[str, Any],
+             last: dict[str, Any], result: Any, n_student: int, ctx: DistContext,
+             seconds: dict[str, float]) -> dict[str, Any]:
+    m = task.metric
+    ref_name = cfg.reference_teacher_name()
+    ref_student = best["test"][m] if cfg.method.name == "student" else None
+    ref_path = _reference_path(cfg, task)
+    if ref_student is None and ref_path.exists():
+        ref_student = json.loads(ref_path.read_text())["test"][m]
+    ref_teacher = teachers[ref_name].metrics["test"][m] if ref_name in teachers else None
+    best_teacher = None
+    for t in teachers.values():
+        v = t.metrics["test"][m]
+        if best_teacher is None or (v > best_teacher if task.higher_is_better else v < best_teacher):
+            best_teacher = v
+    ood_vals = [v[m] for v in best["ood"].values()]
+    return {
+        "task": task.name, "method": cfg.method.name, "seed": cfg.seed, "metric": m,
+        "higher_is_better": task.higher_is_better,
+        "test": best["test"], "val": best["val"], "ood": best["ood"],
+        "ood_mean": {m: sum(ood_vals) / len(ood_vals)} if ood_vals else None,
+        "last_epoch": {"test": last["test"], "val": last["val"], "ood": last["ood"]},
+        "best_epoch": result.best_epoch, "epochs_run": len(result.history), "steps": result.steps,
+        "reference": {"student": ref_student, "teacher": ref_teacher, "teacher_name": ref_name,
+                      "best_teacher": best_teacher},
+        "gap_recovered": gap_recovered(best["test"][m], ref_student, ref_teacher, task.higher_is_better),
+        "gap_recovered_best_teacher": gap_recovered(best["test"][m], ref_student, best_teacher,
+                                                    task.higher_is_better),
+        "teachers": {n: t.summary() for n, t in teachers.items()},
+        "params": {"student": n_student, "teachers": {n: t.params for n, t in teachers.items()}},
+        "teacher_forward": {"run": sum(t.forward_rows_run for t in teachers.values()),
+                            "encoder_texts": sum(t.encoder_forwards for t in teachers.values()),
+                            "skipped": 0, "cached": result.teacher_rows_read * ctx.world},
+        "seconds": {k: round(v, 3) for k, v in seconds.items()} | {
+            "teacher_prepare": round(sum(t.seconds for t in teachers.values()), 3)},
+        "labels": {"train": len(task.splits["train"]), "transfer": len(task.splits.get("transfer", []))},
+        "world_size": ctx.world, "config_hash": stable_hash(to_dict(cfg)),
+    }
+
+
+def format_summary(metrics: dict[str, Any]) -> str:
+    m = metrics["metric"]
+    ood = ", ".join(f"{s} {v[m]:.4f}" for s, v in metrics["ood"].items())
+    gap = metrics["gap_recovered"]
+    parts = [f"{metrics['task']} {metrics['method']} seed {metrics['seed']}: test {m} {metrics['test'][m]:.4f}",
+             f"OOD {ood}" if ood else "", f"gap recovered {gap:.2f}" if gap is not None else "",
+             f"best epoch {metrics['best_epoch']}", f"train {metrics['seconds']['train']:.1f}s"]
+    return " | ".join(p for p in parts if p)

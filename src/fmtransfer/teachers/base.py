@@ -1,0 +1,209 @@
+"""Teacher preparation: adapt a teacher to the task once, store it as a fingerprinted artifact, reuse it.
+
+A recipe builds an untrained teacher module (a head on a frozen foundation model, a fine-tuned one,
+a hybrid, or a wider application model); preparation trains it on the labeled rows with validation
+selection, runs it once over every row of the task, and stores weights + outputs + metrics under
+`<cache_dir>/teachers/<name>-<fingerprint>/`. The fingerprint covers the task's content, the recipe's
+config, the seed and the foundation model's weights, so any change prepares a new artifact; a
+truncated or inconsistent artifact is detected and rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from fmtransfer.config import MethodConfig, TeacherConfig, to_dict
+from fmtransfer.data.base import TaskData
+from fmtransfer.errors import ArtifactError, DataError
+from fmtransfer.models.base import TaskModel
+from fmtransfer.registry import RECIPES
+from fmtransfer.train.distributed import DistContext
+from fmtransfer.train.loop import fit, predict_rows
+from fmtransfer.utils import atomic_write_json, count_params, stable_hash
+
+ARTIFACT_VERSION = 1
+
+
+@dataclass
+class TeacherBuild:
+    """What a recipe returns: the module to train and what to report about it."""
+
+    model: TaskModel
+    frozen_params: int = 0
+    """Parameters of a frozen backbone that `model` does not hold as parameters (e.g. cached embeddings)."""
+    encoder_forwards: int = 0
+    """Texts or images the foundation model actually ran on while building (0 on an embedding-cache hit)."""
+
+
+class Recipe:
+    """A way to adapt a teacher to a task. Subclasses implement `build` (and `fingerprint_extra`)."""
+
+    kind: ClassVar[str] = "complementary"
+
+    @classmethod
+    def fingerprint_extra(cls, cfg: Any) -> str:
+        """Anything outside the config that changes the teacher (e.g. the foundation model's weights)."""
+        return ""
+
+    @classmethod
+    def build(cls, cfg: Any, task: TaskData, cache_dir: Path, device: torch.device) -> TeacherBuild:
+        raise NotImplementedError
+
+
+@dataclass
+class PreparedTeacher:
+    """A frozen, task-adapted teacher: its outputs for every row of the task and its reference metrics."""
+
+    name: str
+    kind: str
+    recipe: str
+    fingerprint: str
+    outputs: torch.Tensor
+    params: int
+    trainable_params: int
+    metrics: dict[str, Any]
+    path: Path
+    seconds: float = 0.0
+    forward_rows_run: int = 0
+    encoder_forwards: int = 0
+    from_cache: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {"kind": self.kind, "recipe": self.recipe, "fingerprint": self.fingerprint,
+                "params": self.params, "trainable_params": self.trainable_params, **self.metrics,
+                "seconds": round(self.seconds, 3), "from_cache": self.from_cache}
+
+
+def teacher_fingerprint(name: str, cfg: TeacherConfig, task: TaskData, seed: int) -> str:
+    recipe = RECIPES.get(cfg.recipe).impl
+    return stable_hash([ARTIFACT_VERSION, name, to_dict(cfg), task.fingerprint, seed,
+                        recipe.fingerprint_extra(cfg)])
+
+
+def _artifact_dir(cache_dir: Path, name: str, fp: str) -> Path:
+    return cache_dir / "teachers" / f"{name}-{fp}"
+
+
+def _score_all(task: TaskData, outputs: torch.Tensor) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for split in ("val", "test"):
+        rows = task.splits[split]
+        out[split] = task.score(outputs[rows], rows)
+    out["ood"] = {s: task.score(outputs[task.splits[f"ood/{s}"]], task.splits[f"ood/{s}"]) for s in task.ood_suites}
+    return out
+
+
+def _load_artifact(path: Path, fp: str, task: TaskData) -> dict[str, Any] | None:
+    """The artifact's meta and outputs, or None (with a one-line note) when missing, corrupt or stale."""
+    meta_path = path / "meta.json"
+    if not meta_path.exists():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        outputs = np.load(path / "outputs.npy", allow_pickle=False)
+        if not (path / "weights.safetensors").exists():
+            raise ValueError("weights.safetensors is missing")
+        expected = (task.num_rows, *task.output_shape())
+        if meta.get("fingerprint") != fp or meta.get("version") != ARTIFACT_VERSION:
+            raise ValueError("it belongs to another teacher config or dataset")
+        if tuple(outputs.shape) != expected:
+            raise ValueError(f"outputs have shape {outputs.shape}, the task needs {expected}")
+        if not np.isfinite(outputs).all():
+            raise ValueError("outputs hold NaN or inf")
+    except (ValueError, OSError, EOFError, json.JSONDecodeError) as e:
+        print(f"fmtransfer: teacher artifact {path.name} is unusable ({e}); preparing it again", flush=True)
+        return None
+    return {"meta": meta, "outputs": torch.from_numpy(outputs.astype(np.float32))}
+
+
+def prepare_teacher(name: str, cfg: TeacherConfig, task: TaskData, cache_dir: str | Path, *,
+                    seed: int, ctx: DistContext | None = None, log: Any = None) -> PreparedTeacher:
+    """Return the prepared teacher `name`, building and storing it only if no valid artifact exists.
+
+    Under torchrun, rank 0 prepares while the others wait, then every rank reads the same artifact.
+    """
+    ctx = ctx or DistContext()
+    cache_dir = Path(cache_dir)
+    fp = teacher_fingerprint(name, cfg, task, seed)
+    path = _artifact_dir(cache_dir, name, fp)
+    if ctx.is_main and _load_artifact(path, fp, task) is None:
+        _build_and_store(name, cfg, task, cache_dir, path, fp, seed, ctx.device, log)
+        built_now = True
+    else:
+        built_now = False
+    ctx.barrier()
+    art = _load_artifact(path, fp, task)
+    if art is None:
+        raise ArtifactError(f"teacher {name!r}: artifact {path} could not be read after preparation; "
+                            "check free disk space and permissions of cache_dir")
+    meta = art["meta"]
+    return PreparedTeacher(
+        name=name, kind=cfg.kind, recipe=cfg.recipe, fingerprint=fp, outputs=art["outputs"],
+        params=meta["params"], trainable_params=meta["trainable_params"], metrics=meta["metrics"], path=path,
+        seconds=meta["seconds"] if built_now else 0.0, forward_rows_run=task.num_rows if built_now else 0,
+        encoder_forwards=meta.get("encoder_forwards", 0) if built_now else 0, from_cache=not built_now,
+        extra={"prepare_seconds": meta["seconds"]},
+    )
+
+
+def _build_and_store(name: str, cfg: TeacherConfig, task: TaskData, cache_dir: Path, path: Path, fp: str,
+                     seed: int, device: torch.device, log: Any) -> None:
+    from fmtransfer.methods.student import Student
+
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    recipe = RECIPES.get(cfg.recipe).impl
+    built = recipe.build(cfg, task, cache_dir, device)
+    model = built.model
+    method = Student(MethodConfig(name="student"), model, task, {})
+    result = fit(method, task, cfg.train, seed=seed, ctx=DistContext(device=device),
+                 desc=f"teacher {name}", log=log)
+    method.load_state_dict(result.best_state)
+    method.eval()
+    outputs = predict_rows(method.predict, task, torch.arange(task.num_rows), cfg.train.eval_batch_size, device)
+    expected = (task.num_rows, *task.output_shape())
+    if tuple(outputs.shape) != expected:
+        raise DataError(f"teacher {name!r} produced outputs of shape {tuple(outputs.shape)}, "
+                        f"task {task.name} needs {expected}; fix the teacher's head size")
+    trainable = count_params(model, trainable_only=True)
+    meta = {
+        "version": ARTIFACT_VERSION, "name": name, "fingerprint": fp, "kind": cfg.kind, "recipe": cfg.recipe,
+        "config": to_dict(cfg), "task": task.name, "task_fingerprint": task.fingerprint, "seed": seed,
+        "params": count_params(model) + built.frozen_params, "trainable_params": trainable,
+        "metrics": _score_all(task, outputs), "best_epoch": result.best_epoch,
+        "seconds": round(time.perf_counter() - t0, 3), "encoder_forwards": built.encoder_forwards,
+    }
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    np.save(tmp / "outputs.npy", outputs.numpy().astype(np.float32))
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in method.student.state_dict().items()},
+              str(tmp / "weights.safetensors"))
+    atomic_write_json(tmp / "meta.json", meta)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def load_teacher_weights(teacher: PreparedTeacher, cfg: TeacherConfig, task: TaskData,
+                         cache_dir: str | Path, device: torch.device | None = None) -> TaskModel:
+    """Rebuild a prepared teacher's module from its artifact (for methods that run a teacher live)."""
+    recipe = RECIPES.get(cfg.recipe).impl
+    built = recipe.build(cfg, task, Path(cache_dir), device or torch.device("cpu"))
+    try:
+        state = load_file(str(teacher.path / "weights.safetensors"))
+        built.model.load_state_dict(state)
+    except Exception as e:
+        raise ArtifactError(f"teacher {teacher.name!r}: weights in {teacher.path} do not load ({e}); "
+                            "delete that folder to prepare the teacher again") from None
+    return built.model.eval().requires_grad_(False)

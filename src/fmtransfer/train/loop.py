@@ -1,0 +1,178 @@
+"""The training loop shared by every method and by teacher preparation.
+
+Selection is on the validation split only: the state with the best validation score is kept and
+returned; test and OOD splits are never looked at here. A checkpoint is written atomically after
+every epoch; `resume=True` continues from it with the same batches, optimizer and RNG state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from fmtransfer.config import TrainConfig
+from fmtransfer.data.base import TaskData
+from fmtransfer.train.batches import BatchPlan
+from fmtransfer.train.checkpoint import load_checkpoint, save_checkpoint
+from fmtransfer.train.distributed import DistContext
+
+DEBUG_EXIT_ENV = "FMTRANSFER_DEBUG_EXIT_AFTER_EPOCH"
+"""Tests set this to N to make the process die right after epoch N's checkpoint (a real kill)."""
+
+
+@dataclass
+class FitResult:
+    best_state: dict[str, torch.Tensor]
+    best_epoch: int
+    best_score: float
+    last_state: dict[str, torch.Tensor]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+    teacher_rows_read: int = 0
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def make_batch(task: TaskData, rows: torch.Tensor, labeled: torch.Tensor | None,
+               teacher_outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Gather features, target, labeled mask and each needed teacher's cached outputs for `rows`."""
+    batch = task.gather(rows)
+    batch["labeled"] = labeled if labeled is not None else torch.ones(len(rows), dtype=torch.bool)
+    for name, out in teacher_outputs.items():
+        batch[f"teacher:{name}"] = out[rows].float()
+    return batch
+
+
+@torch.no_grad()
+def predict_rows(model: Callable[[dict[str, torch.Tensor]], torch.Tensor], task: TaskData,
+                 rows: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Predictions for `rows` in batches, on CPU."""
+    outs = []
+    for s in range(0, len(rows), batch_size):
+        r = rows[s:s + batch_size]
+        outs.append(model(to_device(task.gather(r), device)).float().cpu())
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def _score(task: TaskData, metrics: dict[str, float]) -> float:
+    v = metrics[task.metric]
+    return v if task.higher_is_better else -v
+
+
+def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def fit(method: nn.Module, task: TaskData, cfg: TrainConfig, *, seed: int, ctx: DistContext,
+        teacher_outputs: dict[str, torch.Tensor] | None = None, uses_transfer: bool = False,
+        ckpt_path: str | Path | None = None, resume: bool = False, config_hash: str = "",
+        desc: str = "train", log: Callable[[dict[str, Any]], None] | None = None) -> FitResult:
+    """Train `method` (forward(batch) -> {'loss', ...}; predict(batch) -> prediction); return the best state."""
+    teacher_outputs = teacher_outputs or {}
+    device = ctx.device
+    method.to(device)
+    transfer = task.splits.get("transfer") if uses_transfer else None
+    plan = BatchPlan(task.splits["train"], transfer, batch_size=cfg.batch_size,
+                     labeled_batch_size=cfg.labeled_batch_size, steps_per_epoch=cfg.steps_per_epoch,
+                     seed=seed, rank=ctx.rank, world=ctx.world)
+    params = [p for p in method.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total_steps = cfg.epochs * len(plan)
+    if cfg.lr_schedule == "cosine":
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / max(total_steps, 1))))
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    model: nn.Module = method
+    if ctx.enabled:
+        model = DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None,
+                                        find_unused_parameters=cfg.find_unused_parameters)
+
+    start_epoch, best_score, best_epoch, bad_epochs, steps = 0, -math.inf, -1, 0, 0
+    best_state, history, rows_read = _cpu_state(method), [], 0
+    if resume and ckpt_path is not None and Path(ckpt_path).exists():
+        st = load_checkpoint(ckpt_path, config_hash)
+        method.load_state_dict(st["method"])
+        opt.load_state_dict(st["optim"])
+        sched.load_state_dict(st["sched"])
+        torch.set_rng_state(st["rng"])
+        start_epoch, best_score, best_epoch = st["epoch"] + 1, st["best_score"], st["best_epoch"]
+        best_state, history, bad_epochs, steps = st["best_state"], st["history"], st["bad_epochs"], st["steps"]
+        rows_read = st.get("teacher_rows_read", 0)
+
+    amp = cfg.precision == "bf16"
+    t0 = time.perf_counter()
+    val_rows = task.splits["val"]
+    for epoch in range(start_epoch, cfg.epochs):
+        if cfg.patience is not None and bad_epochs >= cfg.patience:
+            break
+        method.train()
+        sums: dict[str, float] = {}
+        batches = plan.epoch(epoch)
+        bar = tqdm(batches, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False, unit="step", dynamic_ncols=True,
+                   disable=not ctx.is_main or not sys.stderr.isatty())
+        for rows, labeled in bar:
+            batch = to_device(make_batch(task, rows, labeled, teacher_outputs), device)
+            rows_read += len(rows) * len(teacher_outputs)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+                terms = model(batch)
+            loss = terms["loss"].float()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}; "
+                                         "lower train.lr or check the inputs")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            steps += 1
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        bar.close()
+        method.eval()
+        val_pred = predict_rows(method.predict, task, val_rows, cfg.eval_batch_size, device)
+        val_metrics = task.score(val_pred, val_rows)
+        score = _score(task, val_metrics)
+        improved = score > best_score
+        if improved:
+            best_score, best_epoch, bad_epochs = score, epoch, 0
+            best_state = _cpu_state(method)
+        else:
+            bad_epochs += 1
+        entry = {"epoch": epoch + 1, "train": {k: v / max(len(batches), 1) for k, v in sums.items()},
+                 "val": val_metrics, "lr": sched.get_last_lr()[0], "best": improved,
+                 "seconds": round(time.perf_counter() - t0, 3)}
+        history.append(entry)
+        if log is not None and ctx.is_main:
+            log(entry)
+        if ckpt_path is not None and ctx.is_main:
+            save_checkpoint(ckpt_path, {
+                "config_hash": config_hash, "epoch": epoch, "method": _cpu_state(method),
+                "optim": opt.state_dict(), "sched": sched.state_dict(), "rng": torch.get_rng_state(),
+                "best_score": best_score, "best_epoch": best_epoch, "best_state": best_state,
+                "history": history, "bad_epochs": bad_epochs, "steps": steps, "teacher_rows_read": rows_read,
+            })
+        ctx.barrier()
+        if os.environ.get(DEBUG_EXIT_ENV) == str(epoch + 1):
+            os._exit(17)
+    return FitResult(best_state=best_state, best_epoch=best_epoch + 1, best_score=best_score,
+                     last_state=_cpu_state(method), history=history, steps=steps,
+                     seconds=time.perf_counter() - t0, teacher_rows_read=rows_read)

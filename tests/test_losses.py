@@ -1,0 +1,56 @@
+"""Golden values: each loss against numbers computed by hand (see the comments)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fmtransfer.methods.losses import distill_loss, kd_logits, kd_regression, masked_task_loss
+
+
+def test_kd_logits_golden() -> None:
+    # s = [0, 0], t = [ln 3, 0], T = 1: p_t = [3/4, 1/4], p_s = [1/2, 1/2]
+    # KL(p_t || p_s) = 3/4 ln(3/2) + 1/4 ln(1/2) = 0.1308120...
+    s = torch.tensor([[0.0, 0.0]])
+    t = torch.tensor([[math.log(3.0), 0.0]])
+    expected = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    assert kd_logits(s, t, temperature=1.0).item() == pytest.approx(expected, rel=1e-6)
+    # T = 2 on logits scaled by 2 gives the same distributions; the T^2 factor multiplies by 4.
+    assert kd_logits(2 * s, 2 * t, temperature=2.0).item() == pytest.approx(4 * expected, rel=1e-6)
+
+
+def test_kd_logits_batchmean_averages_rows_not_classes() -> None:
+    # Two rows: the golden row above and an identical pair (KL 0): batchmean gives half the golden value.
+    s = torch.tensor([[0.0, 0.0, 0.0], [1.0, 2.0, 3.0]])
+    t = torch.tensor([[math.log(2.0), 0.0, 0.0], [1.0, 2.0, 3.0]])
+    # p_t = [1/2, 1/4, 1/4], p_s uniform: KL = 1/2 ln(3/2) + 2 * 1/4 ln(3/4)
+    row = 0.5 * math.log(1.5) + 0.5 * math.log(0.75)
+    assert kd_logits(s, t, temperature=1.0).item() == pytest.approx(row / 2, rel=1e-6)
+
+
+def test_kd_regression_and_dispatch_golden() -> None:
+    s, t = torch.tensor([1.0, 2.0, 4.0]), torch.tensor([1.5, 2.0, 3.0])
+    # (0.25 + 0 + 1) / 3
+    assert kd_regression(s, t).item() == pytest.approx(1.25 / 3)
+    assert distill_loss(s, t, "regression").item() == pytest.approx(1.25 / 3)
+
+
+def test_masked_task_loss_golden() -> None:
+    pred, y = torch.tensor([1.0, 3.0, 10.0]), torch.tensor([2.0, 3.0, 0.0])
+    mask = torch.tensor([True, True, False])  # the unlabeled row's target (0.0) must not count
+    assert masked_task_loss(pred, y, mask, "regression").item() == pytest.approx(0.5)
+    logits = torch.tensor([[0.0, 0.0], [5.0, -5.0]])
+    labels = torch.tensor([1, 1])
+    # only the first row: CE of uniform over 2 classes = ln 2
+    ce = masked_task_loss(logits, labels, torch.tensor([True, False]), "classification")
+    assert ce.item() == pytest.approx(math.log(2.0), rel=1e-6)
+
+
+def test_masked_task_loss_without_labels_is_zero_but_connected() -> None:
+    pred = torch.tensor([1.0, 2.0], requires_grad=True)
+    loss = masked_task_loss(pred, torch.tensor([0.0, 0.0]), torch.tensor([False, False]), "regression")
+    assert loss.item() == 0.0
+    loss.backward()
+    assert pred.grad is not None and torch.all(pred.grad == 0)

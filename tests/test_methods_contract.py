@@ -1,0 +1,80 @@
+"""One contract for every registered method: the loss dict, gradients, the student-only prediction,
+and that unlabeled rows never reach the task loss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fmtransfer.config import load_config
+from fmtransfer.registry import METHODS, MODELS
+from fmtransfer.run import build_task, prepare_teachers
+from fmtransfer.train.distributed import DistContext
+from fmtransfer.train.loop import make_batch
+from tests.conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    cache = tmp_path_factory.mktemp("cache")
+    cfg = load_config(TINY, [f"cache_dir={cache}"])
+    task = build_task(cfg)
+    from fmtransfer.run import JsonlLog
+
+    teachers = prepare_teachers(cfg, task, list(cfg.teachers), DistContext(), JsonlLog(None))
+    return cfg, task, teachers, cache
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_method_contract(name: str, setup) -> None:  # type: ignore[no-untyped-def]
+    cfg, task, teachers, cache = setup
+    takes_teacher = "teacher" in METHODS.get(name).config_cls.__dataclass_fields__
+    cfg = load_config(TINY, [f"cache_dir={cache}", f"method={{name: {name}}}"] +
+                      (["method.teacher=wide"] if takes_teacher else []))
+    entry = METHODS.get(name)
+    needed = entry.impl.required_teachers(cfg.method, list(cfg.teachers))
+    torch.manual_seed(0)
+    student = MODELS.get(cfg.student.name).impl(cfg.student, task)
+    method = entry.impl(cfg.method, student, task, {n: teachers[n] for n in needed})
+    outputs = {n: teachers[n].outputs for n in needed}
+    rows = torch.cat([task.splits["train"][:8], task.splits["transfer"][:8]])
+    labeled = torch.arange(16) < 8
+    batch = make_batch(task, rows, labeled, outputs)
+
+    terms = method(batch)
+    assert isinstance(terms, dict) and "loss" in terms
+    assert terms["loss"].dim() == 0 and torch.isfinite(terms["loss"])
+    terms["loss"].backward()
+    grads = [p.grad for p in method.student.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+    # the prediction is the student's alone, of the task's output shape
+    pred = method.predict(batch)
+    assert pred.shape == (16, *task.output_shape())
+    torch.testing.assert_close(pred, method.student(batch))
+
+    # the targets of unlabeled rows must not change the loss (the task loss never sees them)
+    method.eval()
+    with torch.no_grad():
+        before = method(batch)["loss"]
+        poisoned = dict(batch)
+        poisoned["y"] = batch["y"].clone()
+        poisoned["y"][~labeled] = (poisoned["y"][~labeled] + 1) % task.num_classes
+        after = method(poisoned)["loss"]
+    torch.testing.assert_close(before, after)
+
+
+def test_methods_registered() -> None:
+    assert {"student", "kd"} <= set(METHODS.names())
+
+
+def test_kd_reads_the_teacher_it_names(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg, _task, _teachers, _ = setup
+    from fmtransfer.errors import ConfigError
+    from fmtransfer.methods.kd import KD
+
+    with pytest.raises(ConfigError, match="method.teacher: 'fm' is not a configured teacher"):
+        KD.required_teachers(load_config(TINY, ["method.teacher=fm"]).method, list(cfg.teachers))
