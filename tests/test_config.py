@@ -98,3 +98,17 @@ def test_every_shipped_suite_validates(path: Path) -> None:
 
 def test_shipped_configs_exist() -> None:
     assert SHIPPED and SUITES
+
+
+def test_base_file_is_merged_and_switching_component_drops_old_options(tmp_path: Path) -> None:
+    base = tmp_path / "base.yaml"
+    base.write_text(TINY.read_text())
+    child = tmp_path / "child.yaml"
+    child.write_text("base: base.yaml\ntrain: {epochs: 9}\nmethod: {name: student}\n")
+    cfg = load_config(child)
+    assert cfg.train.epochs == 9 and cfg.train.batch_size == 32  # merged, not replaced
+    assert cfg.method.name == "student"  # kd's `teacher` option dropped with the switch
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(loop)

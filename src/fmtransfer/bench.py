@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fmtransfer.config import apply_overrides, load_config, read_yaml
+from fmtransfer.config import apply_overrides, load_config, read_config_file, read_yaml
 from fmtransfer.errors import ConfigError
 from fmtransfer.evaluate import gap_recovered
 from fmtransfer.utils import atomic_write_bytes, atomic_write_json
@@ -72,7 +72,7 @@ def suite_configs(path: str | Path, seeds: list[int],
     items = []
     for run in runs:
         for seed in seeds:
-            raw = read_yaml(run.config)
+            raw = read_config_file(run.config)
             apply_overrides(raw, run.overrides)
             apply_overrides(raw, {"seed": seed})
             items.append((run, seed, load_config(raw=raw, overrides=extra)))
@@ -84,7 +84,7 @@ def run_bench(suite: str | Path, seeds: int, out_dir: str | Path, overrides: lis
     from fmtransfer.run import format_summary, run_experiment
 
     out = Path(out_dir)
-    name, _ = load_suite(suite)
+    name, suite_runs = load_suite(suite)
     items = suite_configs(suite, list(range(seeds)), overrides)
     t0 = time.perf_counter()
     for k, (run, seed, cfg) in enumerate(items):
@@ -93,7 +93,8 @@ def run_bench(suite: str | Path, seeds: int, out_dir: str | Path, overrides: lis
         partial = (run_dir / "checkpoint.pt").exists() and not (run_dir / "metrics.json").exists()
         metrics = run_experiment(cfg, run_dir, resume=partial or (run_dir / "metrics.json").exists(), quiet=True)
         print("    " + format_summary(metrics), flush=True)
-    table = write_report([out], out, title=f"{name}: {seeds} seed(s), {time.perf_counter() - t0:.0f}s")
+    table = write_report([out], out, title=f"{name}: {seeds} seed(s), {time.perf_counter() - t0:.0f}s",
+                         order=[r.name for r in suite_runs])
     return table
 
 
@@ -125,8 +126,11 @@ def _fmt(vals: list[float], digits: int = 4) -> str:
     return f"{mean:.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
 
 
-def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows of the report: one per teacher (deduplicated per seed) and one per run name."""
+def aggregate(runs: list[dict[str, Any]], order: list[str] | None = None) -> list[dict[str, Any]]:
+    """Rows of the report: one per teacher (deduplicated per seed), then one per run name.
+
+    Runs follow `order` (a suite's order) when given, else the student first and the rest by name.
+    """
     rows: dict[str, dict[str, Any]] = {}
     student_by_seed: dict[tuple[str, int], float] = {}
     for m in runs:
@@ -160,7 +164,11 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["seeds"].append(m["seed"])
     for row in rows.values():
         row.pop("_seen", None)
-    return list(rows.values())
+    order = order or sorted({m["_run"] for m in runs}, key=lambda n: (n != "student", n))
+    teacher_rows = [r for k, r in rows.items() if k.startswith("teacher ")]
+    run_rows = sorted((r for k, r in rows.items() if not k.startswith("teacher ")),
+                      key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
+    return teacher_rows + run_rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -174,9 +182,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_report(dirs: list[Path], out: Path | None, title: str = "") -> str:
+def write_report(dirs: list[Path], out: Path | None, title: str = "", order: list[str] | None = None) -> str:
     runs = collect(dirs)
-    rows = aggregate(runs)
+    rows = aggregate(runs, order)
     table = (f"### {title}\n\n" if title else "") + format_table(rows) + "\n"
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

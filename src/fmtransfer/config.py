@@ -308,6 +308,35 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any]) 
 # ------------------------------------------------------------------------------------------------ files
 
 
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge `over` onto `base`. A section whose `name` or `recipe` differs from the base's
+    replaces it whole (switching component drops the old component's options)."""
+    out = dict(base)
+    for k, v in over.items():
+        b = out.get(k)
+        if isinstance(v, dict) and isinstance(b, dict):
+            switched = any(key in v and key in b and v[key] != b[key] for key in ("name", "recipe"))
+            out[k] = dict(v) if switched else merge(b, v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_config_file(path: str | Path, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read a run config, resolving `base: other.yaml` (relative to the file) by deep merge."""
+    path = Path(path)
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a file name, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if str(base_path) in _seen:
+        raise ConfigError(f"{path}: base: {base} includes itself")
+    return merge(read_config_file(base_path, (*_seen, str(base_path))), data)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -328,7 +357,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 raw: dict[str, Any] | None = None) -> RunConfig:
     """Read YAML (or take `raw`), apply overrides, validate; any problem raises a one-line ConfigError."""
-    data = dict(raw) if raw is not None else read_yaml(path) if path is not None else {}
+    data = dict(raw) if raw is not None else read_config_file(path) if path is not None else {}
     apply_overrides(data, overrides or [])
     return from_dict(RunConfig, data)
 

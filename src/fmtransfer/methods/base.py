@@ -19,7 +19,7 @@ from fmtransfer.models.base import TaskModel
 
 
 class Method(nn.Module):
-    """Base class of every method; subclasses set `uses_transfer` and implement `forward`."""
+    """Base class of every method; subclasses set `uses_transfer` and implement `losses`."""
 
     uses_transfer: ClassVar[bool] = False
     """True when the method reads the unlabeled transfer set (distillation terms)."""
@@ -40,8 +40,18 @@ class Method(nn.Module):
     def predict(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.student(batch)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The method's own terms: {"loss": total, <named terms>...}."""
         raise NotImplementedError
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`losses` plus the student's own regulariser (e.g. per-occurrence L2 on ID embeddings)."""
+        terms = self.losses(batch)
+        penalty = self.student.penalty(batch)
+        if isinstance(penalty, torch.Tensor):
+            terms["loss"] = terms["loss"] + penalty
+            terms["penalty"] = penalty.detach()
+        return terms
 
 
 def pick_teacher(name: str | None, available: list[str], method: str) -> str:

