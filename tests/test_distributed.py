@@ -41,3 +41,30 @@ def test_two_ranks_end_identical(tmp_path: Path) -> None:
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
     assert one["steps"] == m["steps"]
     assert abs(one["test"]["accuracy"] - m["test"]["accuracy"]) < 0.1
+
+
+def test_cache_command_shards_encoding_across_ranks(tmp_path: Path, tiny_bert: str) -> None:
+    from fmtransfer.cache.text import TextEncoderCache
+    from fmtransfer.config import load_config
+    from fmtransfer.run import build_task
+
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    sets = ["--set", f"cache_dir={tmp_path / 'c'}", "--set",
+            f"teachers.fm={{recipe: probe, encoder: {tiny_bert}, max_length: 16, cache_shard_rows: 100, "
+            "proj_dim: 8, hidden: [8], train: {epochs: 1, batch_size: 32, steps_per_epoch: 2}}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "fmtransfer", "cache", str(TINY), "--teacher", "fm", *sets]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert "fm: probe" in r.stdout, r.stderr[-3000:]
+    cfg = load_config(TINY, [s for s in sets if s != "--set"])
+    task = build_task(cfg)
+    cache = TextEncoderCache(task.texts["row"].texts, tiny_bert, tmp_path / "c", max_length=16, shard_rows=100)
+    assert cache.store.is_complete() and cache.store.num_shards == 6
+    ranks = {json.loads(p.read_text())["rank"] for p in (cache.store.dir / "shards").glob("*.json")}
+    assert ranks == {0, 1}
+    # the two ranks' shards equal a fresh single-process encoding within the fp16 tolerance
+    from fmtransfer.models.hf_text import embed_texts, load_encoder
+
+    tok, model = load_encoder(tiny_bert)
+    fresh = embed_texts(task.texts["row"].texts, tok, model, max_length=16)
+    torch.testing.assert_close(cache.get(), fresh, atol=2e-3, rtol=0)

@@ -1,4 +1,4 @@
-"""Command line: `fmtransfer run | bench | report | validate`.
+"""Command line: `fmtransfer run | cache | bench | report | validate | export | serve-bench`.
 
 User errors (bad config, missing data package, corrupt checkpoint) print one line and exit with 2.
 """
@@ -31,6 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override applied to every run of the suite")
 
+    c = sub.add_parser("cache", help="prepare the config's teachers and cache their outputs (torchrun: sharded)")
+    c.add_argument("config")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("--teacher", action="append", default=None, help="only this teacher (repeatable)")
+
     rep = sub.add_parser("report", help="tabulate finished runs (mean ± std over seeds)")
     rep.add_argument("dirs", nargs="+", help="run or bench directories")
     rep.add_argument("--out", default=None, help="also write results.json and results.md here")
@@ -38,6 +43,25 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="load and validate configs without running anything")
     v.add_argument("configs", nargs="+")
     v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    e = sub.add_parser("export", help="write a finished run's student alone (+ manifest.json) for serving")
+    e.add_argument("run_dir", help="the --out folder of a finished `fmtransfer run`")
+    e.add_argument("--format", default="safetensors", metavar="FORMATS",
+                   help="safetensors, onnx, torchscript, or several comma-separated (safetensors is always written)")
+    e.add_argument("--out", required=True, help="export folder to create (must be new or empty)")
+
+    s = sub.add_parser("serve-bench", help="latency, throughput, size of the exported student vs the FM teacher path")
+    s.add_argument("run_dir", help="the --out folder of a finished `fmtransfer run`")
+    s.add_argument("--export", dest="export_dir", default=None,
+                   help="an export folder to measure (default: export every available format to a temp folder)")
+    s.add_argument("--cache-dir", default=None, help="cache folder holding the FM teacher (default: the run's)")
+    s.add_argument("--requests", type=int, default=500, help="batch-1 requests timed per student format (500)")
+    s.add_argument("--fm-requests", type=int, default=30, help="batch-1 requests timed for the FM path (30)")
+    s.add_argument("--batch-size", type=int, default=256, help="throughput batch size (256)")
+    s.add_argument("--batches", type=int, default=20, help="throughput batches per student format (20)")
+    s.add_argument("--fm-batches", type=int, default=2, help="throughput batches for the FM path (2)")
+    s.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads (default: torch's)")
+    s.add_argument("--json", default=None, help="also write the measurements here")
     return p
 
 
@@ -78,6 +102,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(run_bench(args.suite, args.seeds, args.out, args.overrides))
         print(f"wrote {Path(args.out) / 'results.md'} and results.json")
         return 0
+    if args.cmd == "cache":
+        from fmtransfer.run import cache_teachers
+
+        cache_teachers(load_config(args.config, args.overrides), args.teacher)
+        _exit_worker(0)
+        return 0
     if args.cmd == "report":
         from fmtransfer.bench import write_report
 
@@ -94,6 +124,23 @@ def _dispatch(args: argparse.Namespace) -> int:
             else:
                 load_config(path, args.overrides)
                 print(f"ok  {path}")
+        return 0
+    if args.cmd == "export":
+        from fmtransfer.export import export_run, format_export
+
+        print(format_export(export_run(args.run_dir, args.out, args.format), args.out))
+        return 0
+    if args.cmd == "serve-bench":
+        import json
+
+        from fmtransfer.serving.bench import format_bench, serve_bench
+
+        result = serve_bench(args.run_dir, export_dir=args.export_dir, cache_dir=args.cache_dir,
+                             requests=args.requests, fm_requests=args.fm_requests, batch_size=args.batch_size,
+                             batches=args.batches, fm_batches=args.fm_batches, threads=args.threads)
+        print(format_bench(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         return 0
     raise AssertionError(args.cmd)
 

@@ -88,6 +88,25 @@ def prepare_teachers(cfg: RunConfig, task: TaskData, names: list[str], ctx: Dist
     return out
 
 
+def cache_teachers(cfg: RunConfig, names: list[str] | None = None) -> dict[str, PreparedTeacher]:
+    """`fmtransfer cache`: prepare teachers and fill their caches now, so later runs only read them."""
+    unknown = [n for n in names or [] if n not in cfg.teachers]
+    if unknown:
+        raise ConfigError(f"--teacher {unknown[0]!r} is not a configured teacher (allowed: {', '.join(cfg.teachers)})")
+    ctx = init_distributed(cfg.train.device)
+    try:
+        task = build_task(cfg)
+        out = prepare_teachers(cfg, task, names or list(cfg.teachers), ctx, JsonlLog(None))
+        if ctx.is_main:
+            for name, t in out.items():
+                state = "cached already" if t.from_cache else f"prepared in {t.seconds:.1f}s"
+                print(f"{name}: {t.recipe} {t.fingerprint} {state}; encoder inputs run {t.encoder_forwards}, "
+                      f"outputs for {task.num_rows} rows in {t.path}", flush=True)
+        return out
+    finally:
+        shutdown(ctx)
+
+
 def run_experiment(cfg: RunConfig, out_dir: str | Path, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Run one experiment and return its metrics (also written to DIR/metrics.json)."""
     out = Path(out_dir)

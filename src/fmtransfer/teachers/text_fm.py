@@ -19,20 +19,16 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from fmtransfer.cache.text import TextEncoderCache, cached_text_embeddings
 from fmtransfer.config import ModelConfig, TeacherConfig
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ConfigError
 from fmtransfer.models.base import TaskModel, mlp, output_dim, squeeze_regression
-from fmtransfer.models.hf_text import (
-    cached_text_embeddings,
-    encoder_fingerprint,
-    encoder_param_count,
-    load_encoder,
-    mean_pool,
-)
+from fmtransfer.models.hf_text import encoder_fingerprint, encoder_param_count, load_encoder, mean_pool
 from fmtransfer.models.tabular import FeatureModelConfig
 from fmtransfer.registry import MODELS, RECIPES
 from fmtransfer.teachers.base import Recipe, TeacherBuild
+from fmtransfer.train.distributed import DistContext
 
 
 @dataclass
@@ -50,6 +46,10 @@ class TextTeacherConfig(TeacherConfig):
     normalize: bool = True
     interaction: bool = True
     """With two text views (user and item), also join the elementwise product of their projections."""
+    cache_shard_rows: int = 4096
+    """Texts per cache shard (under torchrun each rank encodes its own shards)."""
+    bf16: bool = False
+    """Run the frozen encoder under bf16 autocast when filling the cache."""
 
 
 @dataclass
@@ -144,9 +144,10 @@ def _frozen_tables(cfg: TextTeacherConfig, task: TaskData, views: dict[str, str]
                    device: torch.device) -> tuple[dict[str, torch.Tensor], int]:
     tables, ran = {}, 0
     for v in views:
-        emb, n = cached_text_embeddings(task.texts[v].texts, cfg.encoder, cache_dir, max_length=cfg.max_length,
-                                        normalize=cfg.normalize, device=str(device), desc=f"encode {v} texts")
-        tables[v], ran = emb, ran + n
+        embs, n = cached_text_embeddings(task.texts[v].texts, cfg.encoder, cache_dir, max_length=cfg.max_length,
+                                         normalize=cfg.normalize, device=str(device), shard_rows=cfg.cache_shard_rows,
+                                         bf16=cfg.bf16, desc=f"encode {v} texts")
+        tables[v], ran = embs["last"], ran + n
     return tables, ran
 
 
@@ -156,6 +157,17 @@ class Probe(Recipe):
     @classmethod
     def fingerprint_extra(cls, cfg: TextTeacherConfig) -> str:
         return encoder_fingerprint(cfg.encoder)
+
+    @classmethod
+    def precompute(cls, cfg: TextTeacherConfig, task: TaskData, cache_dir: Path, ctx: DistContext) -> int:
+        ran = 0
+        for v in _views(cfg, task):
+            cache = TextEncoderCache(task.texts[v].texts, cfg.encoder, cache_dir, max_length=cfg.max_length,
+                                     normalize=cfg.normalize, device=str(ctx.device), shard_rows=cfg.cache_shard_rows,
+                                     bf16=cfg.bf16)
+            if not cache.store.is_complete():
+                ran += cache.build(rank=ctx.rank, world=ctx.world, barrier=ctx.barrier, desc=f"encode {v} texts")
+        return ran
 
     @classmethod
     def build(cls, cfg: TextTeacherConfig, task: TaskData, cache_dir: Path, device: torch.device) -> TeacherBuild:
@@ -236,6 +248,11 @@ class FinetuneTextModel(TextHeadModel):
 
 
 class Finetune(Probe):
+    @classmethod
+    def precompute(cls, cfg: FinetuneTeacherConfig, task: TaskData, cache_dir: Path,  # type: ignore[override]
+                   ctx: DistContext) -> int:
+        return 0  # the encoder trains: nothing frozen to cache
+
     @classmethod
     def build(cls, cfg: FinetuneTeacherConfig, task: TaskData, cache_dir: Path,  # type: ignore[override]
               device: torch.device) -> TeacherBuild:

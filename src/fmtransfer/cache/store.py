@@ -1,0 +1,172 @@
+"""Teacher-output store: sharded .npy files + a JSON manifest, built once, read by memory map.
+
+Layout of one entry (a folder named by its key):
+
+    manifest.json                 key, fields {name: {shape, dtype}}, rows, shard_rows, and per shard
+                                  its row range, byte size and CRC32 (written last, by rank 0)
+    <field>.<shard:05d>.npy       rows [k * shard_rows, (k + 1) * shard_rows) of one field
+    shards/<shard:05d>.json       per-shard receipt (sizes, CRC32), written after its .npy files
+
+Each shard is written to a temp name and renamed, then its receipt is written: a killed build leaves
+complete shards (which a rebuild keeps) and no half-written one. Under torchrun, rank r builds the
+shards k with k % world == r. Reading checks every shard's size and CRC32 against the manifest, so a
+truncated or altered shard is detected and rebuilt rather than used. The key covers the producer's
+fingerprint (weights, config, tapped layers, dtype) and the data's, so a changed teacher or dataset
+gets a new entry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from fmtransfer.errors import ArtifactError
+from fmtransfer.utils import atomic_write_json
+
+STORE_VERSION = 1
+DTYPES = {"float16": np.float16, "float32": np.float32, "int64": np.int64, "int32": np.int32}
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One stored array per row: its per-row shape and storage dtype."""
+
+    shape: tuple[int, ...]
+    dtype: str = "float16"
+
+
+def _crc(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+class FeatureStore:
+    """One cache entry: `build` fills missing shards, `load` returns memory-mapped arrays per field."""
+
+    def __init__(self, root: str | Path, key: str, fields: dict[str, FieldSpec], rows: int,
+                 shard_rows: int = 4096) -> None:
+        if rows <= 0:
+            raise ValueError("a cache entry needs at least one row")
+        for name, spec in fields.items():
+            if spec.dtype not in DTYPES:
+                raise ValueError(f"field {name}: dtype {spec.dtype!r} (allowed: {', '.join(DTYPES)})")
+        self.dir = Path(root) / key
+        self.key, self.fields, self.rows, self.shard_rows = key, fields, rows, shard_rows
+        self.num_shards = -(-rows // shard_rows)
+
+    # ------------------------------------------------------------------------------------------ layout
+
+    def shard_range(self, k: int) -> tuple[int, int]:
+        return k * self.shard_rows, min((k + 1) * self.shard_rows, self.rows)
+
+    def _shard_path(self, name: str, k: int) -> Path:
+        return self.dir / f"{name}.{k:05d}.npy"
+
+    def _receipt_path(self, k: int) -> Path:
+        return self.dir / "shards" / f"{k:05d}.json"
+
+    def _expected(self) -> dict[str, Any]:
+        return {"version": STORE_VERSION, "key": self.key, "rows": self.rows, "shard_rows": self.shard_rows,
+                "fields": {n: {"shape": list(s.shape), "dtype": s.dtype} for n, s in self.fields.items()}}
+
+    # ------------------------------------------------------------------------------------------- state
+
+    def _valid_receipt(self, k: int, check_crc: bool) -> dict[str, Any] | None:
+        p = self._receipt_path(k)
+        try:
+            receipt = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if receipt.get("store") != self._expected():
+            return None
+        for name in self.fields:
+            f = self._shard_path(name, k)
+            info = receipt["files"].get(name)
+            if info is None or not f.exists() or f.stat().st_size != info["bytes"]:
+                return None
+            if check_crc and _crc(f) != info["crc32"]:
+                return None
+        return receipt
+
+    def missing_shards(self, check_crc: bool = True) -> list[int]:
+        """Shards that are absent, truncated or altered (those a build must (re)write)."""
+        return [k for k in range(self.num_shards) if self._valid_receipt(k, check_crc) is None]
+
+    def is_complete(self) -> bool:
+        """True when the manifest matches this entry and every shard passes its size and CRC check."""
+        try:
+            manifest = json.loads((self.dir / "manifest.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+        return manifest.get("store") == self._expected() and not self.missing_shards()
+
+    # ------------------------------------------------------------------------------------------- build
+
+    def build(self, produce: Callable[[int, int], dict[str, np.ndarray]], *, rank: int = 0, world: int = 1,
+              desc: str = "cache", barrier: Callable[[], None] | None = None) -> int:
+        """Fill this rank's missing shards with `produce(start, end) -> {field: array}`; return rows computed.
+
+        Rank 0 writes the manifest after every rank is done (call `barrier` between), so a manifest
+        always describes complete shards.
+        """
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "shards").mkdir(exist_ok=True)
+        todo = [k for k in self.missing_shards() if k % world == rank]
+        stale = [k for k in todo if any(self._shard_path(n, k).exists() for n in self.fields)]
+        if stale and rank == 0:
+            print(f"fmtransfer: cache {self.dir.name}: {len(stale)} shard(s) truncated or altered; rebuilding them",
+                  flush=True)
+        computed = 0
+        n_rows = sum(self.shard_range(k)[1] - self.shard_range(k)[0] for k in todo)
+        bar = tqdm(total=n_rows, desc=desc, unit="row", leave=False, disable=rank != 0 or n_rows == 0)
+        for k in todo:
+            start, end = self.shard_range(k)
+            arrays = produce(start, end)
+            files = {}
+            for name, spec in self.fields.items():
+                a = np.ascontiguousarray(arrays[name], dtype=DTYPES[spec.dtype])
+                if a.shape != (end - start, *spec.shape):
+                    raise ArtifactError(f"cache {self.key}: field {name!r} produced shape {a.shape}, expected "
+                                        f"{(end - start, *spec.shape)}; the teacher's outputs do not fit the spec")
+                final = self._shard_path(name, k)
+                tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+                with open(tmp, "wb") as f:
+                    np.save(f, a)
+                os.replace(tmp, final)
+                files[name] = {"bytes": final.stat().st_size, "crc32": _crc(final)}
+            atomic_write_json(self._receipt_path(k), {"store": self._expected(), "rows": [start, end],
+                                                      "files": files, "rank": rank})
+            computed += end - start
+            bar.update(end - start)
+        bar.close()
+        if barrier is not None:
+            barrier()
+        if rank == 0:
+            receipts = [self._valid_receipt(k, check_crc=False) for k in range(self.num_shards)]
+            if any(r is None for r in receipts):
+                raise ArtifactError(f"cache {self.key}: shards missing after the build; check disk space in {self.dir}")
+            atomic_write_json(self.dir / "manifest.json", {"store": self._expected(),
+                                                           "shards": [r["files"] for r in receipts]})
+        if barrier is not None:
+            barrier()
+        return computed
+
+    # -------------------------------------------------------------------------------------------- read
+
+    def load(self, name: str) -> np.ndarray:
+        """Every row of `field` as one array (shards are memory-mapped, then joined)."""
+        if not self.is_complete():
+            raise ArtifactError(f"cache {self.key} is incomplete or corrupt; build it again (fmtransfer cache)")
+        parts = [np.load(self._shard_path(name, k), mmap_mode="r") for k in range(self.num_shards)]
+        return np.concatenate(parts) if len(parts) > 1 else np.asarray(parts[0])
