@@ -28,7 +28,10 @@ class TextEncoderCache:
 
     def __init__(self, texts: list[str], encoder: str, cache_dir: str | Path, *, layers: list[str] | None = None,
                  pooling: Pooling = "mean", max_length: int = 256, normalize: bool = True, dtype: str = "float16",
-                 batch_size: int = 64, bf16: bool = False, device: str = "cpu", shard_rows: int = 4096) -> None:
+                 batch_size: int = 64, bf16: bool = False, device: str = "cpu", shard_rows: int = 4096,
+                 augmentation: str = "none") -> None:
+        """`augmentation` names replayable input transforms (with their parameters) applied before encoding;
+        it is part of the key, so outputs of augmented inputs never mix with plain ones."""
         self.texts, self.encoder_spec = texts, encoder
         self.layers = layers or [LAST]
         self.pooling, self.max_length, self.normalize = pooling, max_length, normalize
@@ -37,7 +40,7 @@ class TextEncoderCache:
         self._tok = None
         self._paths: list[str] | None = None
         key = stable_hash(["text-encoder", encoder_fingerprint(encoder), stable_hash(texts, 32), self.layers,
-                           pooling, max_length, normalize, dtype, bf16])
+                           pooling, max_length, normalize, dtype, bf16, augmentation])
         self._dim = self._hidden_size()
         shape = (self._dim,) if pooling != "none" else (max_length, self._dim)
         self.store = FeatureStore(Path(cache_dir) / "features", key,
