@@ -90,3 +90,18 @@ def test_unknown_text_view_and_encoder_are_clear_errors(tmp_path: Path) -> None:
     cfg = load_config(TINY, [f"cache_dir={tmp_path}", "teachers.fm={recipe: probe, views: [title]}"])
     with pytest.raises(ConfigError, match="'title' is not a text view of task synthetic"):
         _prepare(cfg, task, name="fm")
+
+
+def test_artifact_stores_the_teacher_representation(tmp_path: Path) -> None:
+    cfg = load_config(TINY, [f"cache_dir={tmp_path}"])
+    task = build_task(cfg)
+    t = _prepare(cfg, task)
+    assert t.reps.shape == (task.num_rows, 64) and t.reps.dtype == np.float16
+    model = load_teacher_weights(t, cfg.teachers["wide"], task, cfg.cache_dir)
+    rows = task.splits["val"][:20]
+    with torch.no_grad():
+        live = model.body(task.gather(rows))
+    torch.testing.assert_close(torch.from_numpy(np.asarray(t.reps[rows.numpy()], np.float32)), live,
+                               atol=2e-2, rtol=1e-2)  # fp16 storage
+    (t.path / "reps.npy").unlink()
+    assert not _prepare(cfg, task).from_cache  # a missing file makes the artifact unusable: rebuilt

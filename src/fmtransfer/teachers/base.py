@@ -31,7 +31,7 @@ from fmtransfer.train.distributed import DistContext
 from fmtransfer.train.loop import fit, predict_rows
 from fmtransfer.utils import atomic_write_json, count_params, stable_hash
 
-ARTIFACT_VERSION = 2  # 2: text embeddings read through the fp16 feature store
+ARTIFACT_VERSION = 3  # 2: text embeddings in the fp16 feature store; 3: reps.npy (the teacher body output)
 
 
 @dataclass
@@ -77,6 +77,9 @@ class PreparedTeacher:
     recipe: str
     fingerprint: str
     outputs: torch.Tensor
+    reps: np.ndarray
+    """The teacher's representation (its model's body output) for every row, fp16, memory-mapped:
+    what feature-level methods (fitnet, DiverseDistill) align the student with."""
     params: int
     trainable_params: int
     metrics: dict[str, Any]
@@ -129,10 +132,13 @@ def _load_artifact(path: Path, fp: str, task: TaskData) -> dict[str, Any] | None
             raise ValueError(f"outputs have shape {outputs.shape}, the task needs {expected}")
         if not np.isfinite(outputs).all():
             raise ValueError("outputs hold NaN or inf")
+        reps = np.load(path / "reps.npy", mmap_mode="r")
+        if reps.shape[0] != task.num_rows:
+            raise ValueError(f"representations have {reps.shape[0]} rows, the task has {task.num_rows}")
     except (ValueError, OSError, EOFError, json.JSONDecodeError) as e:
         print(f"fmtransfer: teacher artifact {path.name} is unusable ({e}); preparing it again", flush=True)
         return None
-    return {"meta": meta, "outputs": torch.from_numpy(outputs.astype(np.float32))}
+    return {"meta": meta, "outputs": torch.from_numpy(outputs.astype(np.float32)), "reps": reps}
 
 
 def prepare_teacher(name: str, cfg: TeacherConfig, task: TaskData, cache_dir: str | Path, *,
@@ -158,7 +164,7 @@ def prepare_teacher(name: str, cfg: TeacherConfig, task: TaskData, cache_dir: st
                             "check free disk space and permissions of cache_dir")
     meta = art["meta"]
     return PreparedTeacher(
-        name=name, kind=cfg.kind, recipe=cfg.recipe, fingerprint=fp, outputs=art["outputs"],
+        name=name, kind=cfg.kind, recipe=cfg.recipe, fingerprint=fp, outputs=art["outputs"], reps=art["reps"],
         params=meta["params"], trainable_params=meta["trainable_params"], metrics=meta["metrics"], path=path,
         seconds=meta["seconds"] if built_now else 0.0, forward_rows_run=task.num_rows if built_now else 0,
         encoder_forwards=(meta.get("encoder_forwards", 0) if built_now else 0) + precomputed, from_cache=not built_now,
@@ -180,7 +186,9 @@ def _build_and_store(name: str, cfg: TeacherConfig, task: TaskData, cache_dir: P
                  desc=f"teacher {name}", log=log)
     method.load_state_dict(result.best_state)
     method.eval()
-    outputs = predict_rows(method.predict, task, torch.arange(task.num_rows), cfg.train.eval_batch_size, device)
+    all_rows = torch.arange(task.num_rows)
+    outputs = predict_rows(method.predict, task, all_rows, cfg.train.eval_batch_size, device)
+    reps = predict_rows(model.body, task, all_rows, cfg.train.eval_batch_size, device)
     expected = (task.num_rows, *task.output_shape())
     if tuple(outputs.shape) != expected:
         raise DataError(f"teacher {name!r} produced outputs of shape {tuple(outputs.shape)}, "
@@ -197,6 +205,7 @@ def _build_and_store(name: str, cfg: TeacherConfig, task: TaskData, cache_dir: P
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     np.save(tmp / "outputs.npy", outputs.numpy().astype(np.float32))
+    np.save(tmp / "reps.npy", reps.numpy().astype(np.float16))
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in method.student.state_dict().items()},
               str(tmp / "weights.safetensors"))
     atomic_write_json(tmp / "meta.json", meta)
