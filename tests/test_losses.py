@@ -54,3 +54,35 @@ def test_masked_task_loss_without_labels_is_zero_but_connected() -> None:
     assert loss.item() == 0.0
     loss.backward()
     assert pred.grad is not None and torch.all(pred.grad == 0)
+
+
+def test_ca_mkd_weights_golden() -> None:
+    from fmtransfer.methods.ca_mkd import per_row_kd, teacher_weights
+
+    # two teachers, one labeled row of class 0: p_A(0) = 3/4, p_B(0) = 1/4 -> weights 3/4, 1/4 at tau 1
+    a = torch.tensor([[math.log(3.0), 0.0]])
+    b = torch.tensor([[0.0, math.log(3.0)]])
+    w = teacher_weights(torch.stack([a, b]), torch.tensor([0]), torch.tensor([True]), "classification", 1.0)
+    torch.testing.assert_close(w, torch.tensor([[0.75, 0.25]]))
+    # unlabeled: confidence (minus entropy); a certain teacher beats a uniform one
+    sure, unsure = torch.tensor([[20.0, 0.0]]), torch.tensor([[0.0, 0.0]])
+    w = teacher_weights(torch.stack([sure, unsure]), torch.tensor([1]), torch.tensor([False]), "classification", 1.0)
+    h = math.log(2.0)  # entropy of the uniform teacher; the sure one has ~0
+    assert w[0, 0].item() == pytest.approx(math.exp(0) / (math.exp(0) + math.exp(-h)), rel=1e-4)
+    # regression: labeled rows by squared error, unlabeled rows equal
+    w = teacher_weights(torch.tensor([[1.0, 5.0], [3.0, 5.0]]), torch.tensor([1.0, 0.0]),
+                        torch.tensor([True, False]), "regression", 1.0)
+    torch.testing.assert_close(w[0], torch.softmax(torch.tensor([0.0, -4.0]), 0))
+    torch.testing.assert_close(w[1], torch.tensor([0.5, 0.5]))
+    # the per-row KD term averages to the batch KD term
+    s, t = torch.randn(5, 3), torch.randn(5, 3)
+    assert per_row_kd(s, t, "classification", 2.0).mean().item() == pytest.approx(kd_logits(s, t, 2.0).item(), rel=1e-5)
+
+
+def test_hint_loss_golden() -> None:
+    from fmtransfer.methods.fitnet import hint_loss
+
+    s, t = torch.tensor([[1.0, 3.0]]), torch.tensor([[2.0, 3.0]])
+    assert hint_loss(s, t, normalize=False).item() == pytest.approx(0.5)
+    # layer-normed: scale and shift of the teacher do not matter
+    assert hint_loss(s, 100 * s + 7, normalize=True).item() == pytest.approx(0.0, abs=1e-6)

@@ -15,11 +15,14 @@ from fmtransfer.train.distributed import DistContext
 from fmtransfer.train.loop import make_batch
 from tests.conftest import TINY
 
+SECOND_TEACHER = ["teachers.deep={recipe: supervised, model: {name: mlp, hidden: [32, 32]}, "
+                  "train: {epochs: 2, batch_size: 32, steps_per_epoch: 5}}"]
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     cache = tmp_path_factory.mktemp("cache")
-    cfg = load_config(TINY, [f"cache_dir={cache}"])
+    cfg = load_config(TINY, [f"cache_dir={cache}", *SECOND_TEACHER])
     task = build_task(cfg)
     from fmtransfer.run import JsonlLog
 
@@ -31,7 +34,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-
 def test_method_contract(name: str, setup) -> None:  # type: ignore[no-untyped-def]
     cfg, task, teachers, cache = setup
     takes_teacher = "teacher" in METHODS.get(name).config_cls.__dataclass_fields__
-    cfg = load_config(TINY, [f"cache_dir={cache}", f"method={{name: {name}}}"] +
+    cfg = load_config(TINY, [f"cache_dir={cache}", f"method={{name: {name}}}", *SECOND_TEACHER] +
                       (["method.teacher=wide"] if takes_teacher else []))
     entry = METHODS.get(name)
     needed = entry.impl.required_teachers(cfg.method, list(cfg.teachers))
@@ -39,9 +42,10 @@ def test_method_contract(name: str, setup) -> None:  # type: ignore[no-untyped-d
     student = MODELS.get(cfg.student.name).impl(cfg.student, task)
     method = entry.impl(cfg.method, student, task, {n: teachers[n] for n in needed})
     outputs = {n: teachers[n].outputs for n in needed}
+    reps = {n: teachers[n].reps for n in needed} if method.reads_reps else None
     rows = torch.cat([task.splits["train"][:8], task.splits["transfer"][:8]])
     labeled = torch.arange(16) < 8
-    batch = make_batch(task, rows, labeled, outputs)
+    batch = make_batch(task, rows, labeled, outputs, reps)
 
     terms = method(batch)
     assert isinstance(terms, dict) and "loss" in terms
@@ -68,7 +72,7 @@ def test_method_contract(name: str, setup) -> None:  # type: ignore[no-untyped-d
 
 
 def test_methods_registered() -> None:
-    assert {"student", "kd"} <= set(METHODS.names())
+    assert {"student", "kd", "multi_kd", "ca_mkd", "fitnet", "diverse_distill"} <= set(METHODS.names())
 
 
 def test_kd_reads_the_teacher_it_names(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -154,10 +154,13 @@ def _run(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool)
     torch.manual_seed(cfg.seed)
     t_train0 = time.perf_counter()
     result = fit(method, task, cfg.train, seed=cfg.seed, ctx=ctx,
-                 teacher_outputs={n: teachers[n].outputs for n in needed}, uses_transfer=uses_transfer,
+                 teacher_outputs={n: teachers[n].outputs for n in needed},
+                 teacher_reps={n: teachers[n].reps for n in needed} if method.reads_reps else None,
+                 uses_transfer=uses_transfer,
                  ckpt_path=out / "checkpoint.pt", resume=resume, config_hash=config_hash,
                  desc=cfg.method.name, log=log.phase("train"))
     t_train = time.perf_counter() - t_train0
+    diagnostics = method.diagnostics() if hasattr(method, "diagnostics") else None  # over the whole training
     dump = os.environ.get(DEBUG_DUMP_ENV)
     if dump:  # tests compare every rank's final weights (DDP must keep them identical)
         Path(dump).mkdir(parents=True, exist_ok=True)
@@ -172,6 +175,9 @@ def _run(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool)
 
     metrics = _metrics(cfg, task, teachers, best, last, result, n_student, ctx,
                        {"cache": t_cache, "train": t_train, "eval": t_eval})
+    if diagnostics is not None:
+        metrics["method_diagnostics"] = diagnostics
+        metrics["teacher_forward"]["skipped"] = diagnostics.get("pairs_skipped", 0)
     if ctx.is_main:
         student_state = {k[len("student."):]: v.contiguous() for k, v in result.best_state.items()
                          if k.startswith("student.")}

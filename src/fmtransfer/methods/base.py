@@ -23,14 +23,16 @@ class Method(nn.Module):
 
     uses_transfer: ClassVar[bool] = False
     """True when the method reads the unlabeled transfer set (distillation terms)."""
+    reads_reps: ClassVar[bool] = False
+    """True when the method reads the teachers' representations (`teacher_rep:<name>` in the batch)."""
 
     def __init__(self, cfg: MethodConfig, student: TaskModel, task: TaskData, teachers: dict[str, Any]) -> None:
         super().__init__()
         self.cfg = cfg
         self.student = student
         self.task_type = task.task_type
-        self.teacher_info = {name: {"kind": t.kind, "out_shape": tuple(t.outputs.shape[1:])}
-                             for name, t in teachers.items()}
+        self.teacher_info = {name: {"kind": t.kind, "out_shape": tuple(t.outputs.shape[1:]),
+                                    "rep_dim": int(t.reps.shape[1])} for name, t in teachers.items()}
 
     @classmethod
     def required_teachers(cls, cfg: MethodConfig, available: list[str]) -> list[str]:

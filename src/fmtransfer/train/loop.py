@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -50,12 +51,17 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 def make_batch(task: TaskData, rows: torch.Tensor, labeled: torch.Tensor | None,
-               teacher_outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Gather features, target, labeled mask and each needed teacher's cached outputs for `rows`."""
+               teacher_outputs: dict[str, torch.Tensor],
+               teacher_reps: dict[str, np.ndarray] | None = None) -> dict[str, torch.Tensor]:
+    """Gather features, target, labeled mask and each needed teacher's cached outputs (and
+    representations, `teacher_rep:<name>`) for `rows`."""
     batch = task.gather(rows)
     batch["labeled"] = labeled if labeled is not None else torch.ones(len(rows), dtype=torch.bool)
     for name, out in teacher_outputs.items():
         batch[f"teacher:{name}"] = out[rows].float()
+    idx = rows.numpy()
+    for name, reps in (teacher_reps or {}).items():
+        batch[f"teacher_rep:{name}"] = torch.from_numpy(np.asarray(reps[idx], dtype=np.float32))
     return batch
 
 
@@ -80,7 +86,8 @@ def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def fit(method: nn.Module, task: TaskData, cfg: TrainConfig, *, seed: int, ctx: DistContext,
-        teacher_outputs: dict[str, torch.Tensor] | None = None, uses_transfer: bool = False,
+        teacher_outputs: dict[str, torch.Tensor] | None = None, teacher_reps: dict[str, np.ndarray] | None = None,
+        uses_transfer: bool = False,
         ckpt_path: str | Path | None = None, resume: bool = False, config_hash: str = "",
         desc: str = "train", log: Callable[[dict[str, Any]], None] | None = None) -> FitResult:
     """Train `method` (forward(batch) -> {'loss', ...}; predict(batch) -> prediction); return the best state."""
@@ -128,7 +135,7 @@ def fit(method: nn.Module, task: TaskData, cfg: TrainConfig, *, seed: int, ctx: 
         bar = tqdm(batches, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False, unit="step", dynamic_ncols=True,
                    disable=not ctx.is_main or not sys.stderr.isatty())
         for rows, labeled in bar:
-            batch = to_device(make_batch(task, rows, labeled, teacher_outputs), device)
+            batch = to_device(make_batch(task, rows, labeled, teacher_outputs, teacher_reps), device)
             rows_read += len(rows) * len(teacher_outputs)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
                 terms = model(batch)
