@@ -73,3 +73,22 @@ def test_gate_gets_no_gradient_from_the_terms_it_weights() -> None:
     rows = task.splits["train"][:16]
     method(make_batch(task, rows, torch.ones(16, dtype=torch.bool), outputs, reps))["loss"].backward()
     assert method.gate.weight.grad is None or float(method.gate.weight.grad.abs().sum()) == 0.0
+
+
+def test_run_reports_importance_and_draws_plots(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from fmtransfer.run import run_experiment
+
+    cfg = load_config(TINY, [f"cache_dir={tmp_path / 'c'}", "method={name: diverse_distill}",
+                             "teachers.deep={recipe: supervised, model: {name: mlp, hidden: [32, 32]}, "
+                             "train: {epochs: 2, batch_size: 32, steps_per_epoch: 5}}"])
+    m = run_experiment(cfg, tmp_path / "run", quiet=True)
+    d = m["method_diagnostics"]
+    assert set(d["mean_alpha"]) == {"wide", "deep"} and abs(sum(d["mean_alpha"].values()) - 1) < 1e-4
+    assert len(d["importance_over_training"]["wide"]) == 4
+    assert set(d["importance_by_segment"]["class"]) == {"0", "1"}
+    assert m["teacher_forward"]["skipped"] == d["pairs_skipped"]
+    for png in d["plots"]:
+        assert (tmp_path / "run" / png).read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["method"] == "diverse_distill"

@@ -171,12 +171,14 @@ def _run(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool)
     last = _evaluate(method, task, cfg.train.eval_batch_size, ctx.device)
     method.load_state_dict(result.best_state)
     best = _evaluate(method, task, cfg.train.eval_batch_size, ctx.device)
+    report = method.report(task, result.history, out, ctx.device) if hasattr(method, "report") and ctx.is_main \
+        else None
     t_eval = time.perf_counter() - t_eval0
 
     metrics = _metrics(cfg, task, teachers, best, last, result, n_student, ctx,
                        {"cache": t_cache, "train": t_train, "eval": t_eval})
     if diagnostics is not None:
-        metrics["method_diagnostics"] = diagnostics
+        metrics["method_diagnostics"] = diagnostics | (report or {})
         metrics["teacher_forward"]["skipped"] = diagnostics.get("pairs_skipped", 0)
     if ctx.is_main:
         student_state = {k[len("student."):]: v.contiguous() for k, v in result.best_state.items()

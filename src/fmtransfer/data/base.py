@@ -46,6 +46,8 @@ class TaskData:
     target_range: tuple[float, float] | None = None
     """Regression predictions are clipped to this range when scored."""
     meta: dict[str, object] = field(default_factory=dict)
+    segments: dict[str, tuple[torch.Tensor, list[str]]] = field(default_factory=dict)
+    """Named row groupings for diagnostics: name -> (code per row, label per code), e.g. a movie's genre."""
     fingerprint: str = ""
 
     def __post_init__(self) -> None:

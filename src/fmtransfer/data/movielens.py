@@ -166,5 +166,6 @@ def build_movielens(cfg: MovieLensConfig) -> TaskData:
                        "genres": len(GENRES)},
         texts={"user": TextView("user", user_texts), "item": TextView("item", item_texts)},
         target_range=(1.0, 5.0),
+        segments={"genre": (torch.from_numpy(genre_mat[i].argmax(1)), list(GENRES))},
         meta={"positive_threshold": 4.0, "rows": n},
     )

@@ -19,6 +19,7 @@ All of it is dropped at export: `predict` runs the student alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -33,6 +34,7 @@ from fmtransfer.methods.ca_mkd import per_row_kd
 from fmtransfer.methods.losses import masked_task_loss
 from fmtransfer.methods.multi_kd import committee
 from fmtransfer.models.base import TaskModel, mlp
+from fmtransfer.plots import lines, stacked_bars
 from fmtransfer.registry import METHODS
 
 
@@ -168,6 +170,43 @@ class DiverseDistill(Method):
         return {"pairs_kept": kept, "pairs_skipped": skipped,
                 "skipped_fraction": skipped / max(kept + skipped, 1),
                 "mean_alpha": {n: float(self.alpha_sum[k]) / rows for k, n in enumerate(self.names)}}
+
+
+    @torch.no_grad()
+    def report(self, task: TaskData, history: list[dict[str, Any]], out_dir: Path,
+               device: torch.device) -> dict[str, Any]:
+        """Teacher importance over training (from the epoch log) and per segment of the validation rows
+        (genre, department, class), as numbers for metrics.json and as PNG plots in the run directory."""
+        over = {n: [h["train"].get(f"alpha:{n}", float("nan")) for h in history] for n in self.names}
+        rows = task.splits["val"]
+        self.eval()
+        alphas = []
+        for s in range(0, len(rows), 4096):
+            batch = {k: v.to(device) for k, v in task.gather(rows[s:s + 4096]).items()}
+            alphas.append(self.importance(self.student.body(batch)).cpu())
+        alpha = torch.cat(alphas)
+        segments = dict(task.segments)
+        if not segments and task.task_type == "classification":
+            segments = {"class": (task.y, [str(c) for c in range(int(task.num_classes or 0))])}
+        by_segment: dict[str, dict[str, Any]] = {}
+        plots = []
+        if lines(out_dir / "importance_over_training.png", over, xlabel="epoch", ylabel="mean importance",
+                 title="DiverseDistill: teacher importance during training"):
+            plots.append("importance_over_training.png")
+        for seg, (codes, labels) in segments.items():
+            c = codes[rows]
+            table = {}
+            for code in torch.unique(c).tolist():
+                m = c == code
+                table[labels[code]] = {"rows": int(m.sum()),
+                                       **{n: float(alpha[m, k].mean()) for k, n in enumerate(self.names)}}
+            by_segment[seg] = table
+            groups = list(table)
+            if stacked_bars(out_dir / f"importance_by_{seg}.png", groups,
+                            {n: [table[g][n] for g in groups] for n in self.names},
+                            ylabel="mean importance (val rows)", title=f"DiverseDistill: importance by {seg}"):
+                plots.append(f"importance_by_{seg}.png")
+        return {"importance_over_training": over, "importance_by_segment": by_segment, "plots": plots}
 
 
 METHODS.register("diverse_distill", DiverseDistillConfig, DiverseDistill)
