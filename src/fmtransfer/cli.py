@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=256, help="throughput batch size (256)")
     s.add_argument("--batches", type=int, default=20, help="throughput batches per student format (20)")
     s.add_argument("--fm-batches", type=int, default=2, help="throughput batches for the FM path (2)")
-    s.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads (default: torch's)")
+    s.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads, same for every path (1)")
     s.add_argument("--json", default=None, help="also write the measurements here")
     return p
 

@@ -123,6 +123,7 @@ def encoder_param_count(spec: str) -> int:
         from safetensors import safe_open
 
         with safe_open(st, framework="pt") as f:
-            return int(sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys()))  # noqa: SIM118
+            keys = [k for k in f.keys() if not k.endswith("position_ids")]  # noqa: SIM118  (a buffer, not weights)
+            return int(sum(int(np.prod(f.get_slice(k).get_shape())) for k in keys))
     _, model = load_encoder(spec)
     return sum(p.numel() for p in model.parameters())

@@ -120,7 +120,7 @@ class FeatureModel(TaskModel):
     def offset(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | float:
         if self.task_type != "regression":
             return 0.0
-        total = self.mean.expand(len(next(iter(batch.values()))))
+        total = self.mean.expand(next(iter(batch.values())).shape[0])  # shape[0], not len(): export keeps it dynamic
         for f, emb in self.biases.items():
             total = total + emb(batch[f]).squeeze(-1)
         return total

@@ -1,0 +1,308 @@
+"""`fmtransfer export`: the student of a finished run, alone, as plain files with a manifest beside them.
+
+The student is rebuilt from the run's config and `student.safetensors` (which the run wrote from the
+student's own parameters: no teacher, adapter, query, message codec or cache hook), DDP and
+torch.compile prefixes are stripped, and it is written as safetensors (always) plus ONNX and/or
+TorchScript. Before the folder appears, every written format is read back through
+`fmtransfer.serving.loader` and must reproduce the run: test metric equal to metrics.json's to 4
+decimals and outputs within `ONNX_ATOL` of the rebuilt student's, at several batch sizes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fmtransfer.config import RunConfig, load_config, to_dict
+from fmtransfer.data.base import TaskData
+from fmtransfer.errors import FmtError
+from fmtransfer.serving.formats import WRITERS
+from fmtransfer.serving.loader import load_predictor
+from fmtransfer.serving.manifest import (
+    FILE_NAMES,
+    FORMATS,
+    MANIFEST_NAME,
+    METRIC_DECIMALS,
+    ONNX_ATOL,
+    OUTPUT_NAME,
+    ExportError,
+    Manifest,
+    file_record,
+    one_line,
+    sha256_file,
+)
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+"""Key prefixes added by DistributedDataParallel and torch.compile; never part of the exported student."""
+RUN_KEYS = ("task", "method", "metric", "higher_is_better", "test")
+
+
+@dataclass
+class FinishedRun:
+    """A run directory that passed every check: resolved config, metrics and the student's weights."""
+
+    path: Path
+    cfg: RunConfig
+    metrics: dict[str, Any]
+    state: dict[str, torch.Tensor]
+
+
+def parse_formats(spec: str | Sequence[str]) -> list[str]:
+    """'onnx,torchscript' -> ['safetensors', 'onnx', 'torchscript'] (safetensors is always written)."""
+    items = spec.split(",") if isinstance(spec, str) else [p for s in spec for p in s.split(",")]
+    out = ["safetensors"]
+    for item in (i.strip().lower() for i in items):
+        if item not in FORMATS:
+            raise ExportError(f"--format: unknown format {item!r} (allowed: {', '.join(FORMATS)}; "
+                              "several: --format onnx,torchscript)")
+        if item not in out:
+            out.append(item)
+    return out
+
+
+def open_finished_run(run_dir: str | Path) -> FinishedRun:
+    """Check that `run_dir` holds a finished, readable run; otherwise one ExportError line with the fix."""
+    from safetensors.torch import load_file
+
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ExportError(f"{path}: no such run directory; pass the --out folder of `fmtransfer run`")
+    if not (path / "metrics.json").is_file():
+        if (path / "checkpoint.pt").exists():
+            raise ExportError(f"{path}: the run did not finish (no metrics.json); continue it with "
+                              f"`fmtransfer run {path / 'config.yaml'} --out {path} --resume`, then export")
+        raise ExportError(f"{path}: not a finished run (no metrics.json); pass the --out folder of `fmtransfer run`")
+    try:
+        metrics = json.loads((path / "metrics.json").read_text())
+        if not isinstance(metrics, dict) or any(k not in metrics for k in RUN_KEYS):
+            raise ValueError(f"it lacks one of {', '.join(RUN_KEYS)}")
+    except (ValueError, OSError) as e:
+        raise ExportError(f"{path / 'metrics.json'} is corrupt ({one_line(e, 120)}); "
+                          "run the experiment again") from None
+    try:
+        cfg = load_config(path / "config.yaml")
+    except FmtError as e:
+        raise ExportError(f"{path / 'config.yaml'} is unusable ({one_line(e, 160)}); "
+                          "run the experiment again") from None
+    weights = path / "student.safetensors"
+    if not weights.is_file():
+        raise ExportError(f"{path}: student.safetensors is missing; run the experiment again")
+    try:
+        state = load_file(str(weights))
+    except Exception as e:
+        raise ExportError(f"{weights} is corrupt ({one_line(e, 120)}); run the experiment again") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if not state or bad:
+        raise ExportError(f"{weights} is corrupt ({'no tensors' if not state else f'{bad[0]} holds NaN or inf'}); "
+                          "run the experiment again")
+    return FinishedRun(path, cfg, metrics, strip_wrappers(state))
+
+
+def strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop DDP's leading 'module.' and torch.compile's '_orig_mod.' (at any depth) from the keys."""
+    out = {}
+    for key, value in state.items():
+        while key.startswith(WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        out[key.replace("._orig_mod.", ".")] = value
+    return out
+
+
+class _ReadRecorder(dict):  # type: ignore[type-arg]
+    """A batch that remembers which keys the model read (the student's input views)."""
+
+    def __init__(self, data: dict[str, torch.Tensor]) -> None:
+        super().__init__(data)
+        self.read: list[str] = []
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.read:
+            self.read.append(key)
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key not in self:
+            return default
+        return self[key]
+
+
+def read_inputs(model: nn.Module, task: TaskData) -> list[str]:
+    """The feature views `model` reads, in the task's order (found by running it once on real rows)."""
+    batch = _ReadRecorder(task.gather(task.splits["test"][:4]))
+    with torch.no_grad():
+        model(batch)
+    extra = [k for k in batch.read if k not in task.features]
+    if extra:
+        raise ExportError(f"the student reads {extra[0]!r}, which a server does not have; it cannot be exported")
+    inputs = [f for f in task.features if f in batch.read]
+    if not inputs:
+        raise ExportError("the student reads no feature view; nothing to export")
+    return inputs
+
+
+def build_student(run: FinishedRun, task: TaskData) -> nn.Module:
+    """The run's student class with the run's weights (strict: every key must fit)."""
+    from fmtransfer.registry import MODELS
+
+    model = MODELS.get(run.cfg.student.name).impl(run.cfg.student, task)
+    try:
+        model.load_state_dict(run.state, strict=True)
+    except RuntimeError as e:
+        raise ExportError(f"{run.path / 'student.safetensors'} does not fit the student in config.yaml "
+                          f"({one_line(e, 160)}); run the experiment again") from None
+    return model.eval().requires_grad_(False)
+
+
+def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        try:
+            json.dumps(v)
+        except TypeError:
+            continue
+        out[k] = v
+    return out
+
+
+def _teachers(run: FinishedRun) -> dict[str, Any]:
+    from fmtransfer.registry import METHODS
+
+    method = METHODS.get(run.cfg.method.name).impl
+    taught = method.required_teachers(run.cfg.method, list(run.cfg.teachers))
+    seen = run.metrics.get("teachers") or {}
+    keep = ("kind", "recipe", "fingerprint", "params")
+    return {"taught": {n: {k: seen.get(n, {}).get(k) for k in keep} | {"test": seen.get(n, {}).get("test")}
+                       for n in taught},
+            "reference": (run.metrics.get("reference") or {}).get("teacher_name"),
+            "fingerprints": {n: t.get("fingerprint") for n, t in seen.items()}}
+
+
+def _manifest(run: FinishedRun, task: TaskData, model: nn.Module, inputs: list[str]) -> Manifest:
+    from fmtransfer import __version__
+    from fmtransfer.registry import MODELS, TASKS
+
+    entry, builder = MODELS.get(run.cfg.student.name), TASKS.get(run.cfg.task.name).impl
+    regression = task.task_type == "regression"
+    return Manifest(
+        task={"name": task.name, "type": task.task_type, "metric": task.metric,
+              "higher_is_better": task.higher_is_better, "num_classes": task.num_classes,
+              "target_range": list(task.target_range) if task.target_range else None,
+              "cardinalities": dict(task.cardinalities), "fingerprint": task.fingerprint,
+              "meta": _json_safe(task.meta)},
+        model={"name": run.cfg.student.name, "class": f"{type(model).__module__}:{type(model).__qualname__}",
+               "config_class": f"{entry.config_cls.__module__}:{entry.config_cls.__qualname__}",
+               "config": to_dict(run.cfg.student), "params": sum(p.numel() for p in model.parameters())},
+        features={n: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape[1:])}
+                  for n, t in task.features.items()},
+        inputs=inputs,
+        output={"name": OUTPUT_NAME, "dtype": "float32", "shape": list(task.output_shape()),
+                "meaning": "the predicted target" if regression else "one logit per class (argmax = label)",
+                "clip": list(task.target_range) if regression and task.target_range else None},
+        files={},
+        preprocessing={"task_builder": f"{builder.__module__}:{builder.__qualname__}",
+                       "task_config": to_dict(run.cfg.task), "encoders": task.meta.get("preprocessing"),
+                       "ids": "categorical views are 0-based indices below task.cardinalities[view]"},
+        source={"run_dir": str(run.path.resolve()), "method": run.cfg.method.name, "seed": run.cfg.seed,
+                "config_hash": run.metrics.get("config_hash"), "best_epoch": run.metrics.get("best_epoch"),
+                "student_sha256": sha256_file(run.path / "student.safetensors")},
+        teachers=_teachers(run),
+        metrics={"metric": task.metric, "run": {k: run.metrics.get(k) for k in ("test", "val", "ood")},
+                 "exported": {}, "tolerance": {"max_abs_diff": ONNX_ATOL, "metric_decimals": METRIC_DECIMALS}},
+        created={"fmtransfer": __version__, "torch": torch.__version__,
+                 "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+    )
+
+
+def _predict_batches(fn: Any, feats: dict[str, np.ndarray], n: int, batch_size: int) -> np.ndarray:
+    return np.concatenate([fn({k: v[s:s + batch_size] for k, v in feats.items()}) for s in range(0, n, batch_size)])
+
+
+def verify_export(export_dir: Path, manifest: Manifest, task: TaskData, model: nn.Module, run: FinishedRun) -> None:
+    """Read every format back through the loader; it must reproduce the run (fills manifest.metrics)."""
+    m, rows = task.metric, task.splits["test"]
+    bs = run.cfg.train.eval_batch_size
+    feats = {k: task.features[k][rows].numpy() for k in manifest.inputs}
+    with torch.inference_mode():  # the run scored its student in batches of eval_batch_size: do the same
+        ref = _predict_batches(lambda b: model({k: torch.from_numpy(v) for k, v in b.items()}).float().numpy(),
+                               feats, len(rows), bs)
+    run_value, tol = run.metrics["test"][m], 0.5 * 10 ** -METRIC_DECIMALS
+    rebuilt = task.score(torch.from_numpy(ref), rows)[m]
+    if abs(rebuilt - run_value) > tol:
+        raise ExportError(f"the rebuilt student scores test {m} {rebuilt:.5f}, metrics.json says {run_value:.5f}: "
+                          "the task data or code changed since the run; run the experiment again")
+    for fmt in manifest.files:
+        pred = load_predictor(export_dir, fmt)
+        out = _predict_batches(pred.predict, feats, len(rows), bs)
+        one = pred.predict({k: v[:1] for k, v in feats.items()})  # batch 1: the batch axis must stay dynamic
+        diff = float(max(np.abs(out - ref).max(), np.abs(one - ref[:1]).max()))
+        value = task.score(torch.from_numpy(out), rows)[m]
+        if diff > ONNX_ATOL or abs(value - run_value) > tol:
+            raise ExportError(f"the {fmt} export does not reproduce the run (max |diff| {diff:.2e}, test {m} "
+                              f"{value:.5f} vs {run_value:.5f}); report this as a bug, or export another format")
+        manifest.metrics["exported"][fmt] = {"test": task.score(torch.from_numpy(out), rows),
+                                             "max_abs_diff": diff, "rows": len(rows)}
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, formats: str | Sequence[str] = "safetensors",
+               task: TaskData | None = None) -> Manifest:
+    """Export the student of a finished run to `out_dir` (created; must not hold anything yet).
+
+    `task` saves rebuilding the run's task when the caller already has it (serve-bench).
+    """
+    from fmtransfer.run import build_task
+
+    fmts = parse_formats(formats)
+    run = open_finished_run(run_dir)
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"--out {out} already exists and is not empty; choose a new folder or delete it")
+    task = task if task is not None else build_task(run.cfg)
+    if task.name != run.metrics["task"]:
+        raise ExportError(f"{run.path}: config.yaml builds task {task.name!r}, metrics.json is of "
+                          f"{run.metrics['task']!r}; run the experiment again")
+    model = build_student(run, task)
+    inputs = read_inputs(model, task)
+    manifest = _manifest(run, task, model, inputs)
+    example = tuple(task.features[k][task.splits["test"][:4]] for k in inputs)  # >1 row: batch stays symbolic
+    meta = {"format": "fmtransfer-student", "task": task.name, "model": run.cfg.student.name,
+            "inputs": ",".join(inputs)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for fmt in fmts:
+            info = WRITERS[fmt](model, inputs, example, tmp / FILE_NAMES[fmt], meta)
+            manifest.files[fmt] = file_record(tmp / FILE_NAMES[fmt]) | info
+        (tmp / MANIFEST_NAME).write_text(manifest.to_json())
+        verify_export(tmp, manifest, task, model, run)
+        (tmp / MANIFEST_NAME).write_text(manifest.to_json())
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def format_export(manifest: Manifest, out_dir: str | Path) -> str:
+    """A few lines for the terminal: files, sizes, and the check against the run."""
+    m = manifest.metrics["metric"]
+    run_value = manifest.metrics["run"]["test"][m]
+    lines = [f"exported {manifest.model['name']} student of {manifest.task['name']} "
+             f"({manifest.model['params']:,} parameters, inputs: {', '.join(manifest.inputs)}) to {out_dir}"]
+    for fmt, rec in manifest.files.items():
+        check = manifest.metrics["exported"][fmt]
+        lines.append(f"  {rec['file']:<24} {rec['bytes']:>10,} bytes  test {m} {check['test'][m]:.4f} "
+                     f"(run {run_value:.4f}), max |diff| {check['max_abs_diff']:.1e}")
+    return "\n".join(lines)

@@ -1,0 +1,168 @@
+"""The FM teacher as it would serve one request: the encoder runs live on the request's texts, then its head.
+
+During training a frozen-encoder teacher (`probe`, `hybrid`) reads text embeddings computed once and
+cached; a server facing new requests has no such cache. `LiveTextModel` is the same architecture with
+the same trained weights (read from the teacher's artifact), whose `text_embeddings` tokenizes and
+encodes the texts of the batch's rows every call. `serve-bench` times it beside the exported student
+and checks its outputs against the artifact's stored outputs, so what it times is the teacher.
+Other recipes plug in with a `live_model(cfg, task) -> LiveSpec` classmethod on the recipe class.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fmtransfer.config import RunConfig
+from fmtransfer.data.base import TaskData
+from fmtransfer.models.hf_text import load_encoder, mean_pool, resolve_encoder_path
+from fmtransfer.registry import MODELS, RECIPES
+from fmtransfer.serving.manifest import ExportError, one_line
+from fmtransfer.teachers.base import teacher_fingerprint
+from fmtransfer.teachers.text_fm import TextHeadModel, TextTeacherConfig
+
+
+class LiveTextModel(TextHeadModel):
+    """A frozen-encoder text teacher that encodes each request's texts instead of reading cached embeddings."""
+
+    def __init__(self, cfg: TextTeacherConfig, task: TaskData, views: dict[str, str], tokenizer: Any,
+                 encoder: nn.Module, features: nn.Module | None = None) -> None:
+        super().__init__(cfg, task, views, int(encoder.config.hidden_size), features)  # type: ignore[arg-type]
+        self.tokenizer, self.encoder = tokenizer, encoder.eval()
+        self.texts = {v: task.texts[v].texts for v in views}
+        self.max_length, self.normalize = cfg.max_length, cfg.normalize
+        self.chunk = 64  # texts per encoder call, as the teacher's own embedding cache encodes them
+
+    def text_embeddings(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Encode the batch's distinct texts per view, longest first in chunks (as a fair server would)."""
+        out = {}
+        for v, index in self.views.items():
+            uniq, inverse = torch.unique(batch[index], return_inverse=True)
+            texts = [self.texts[v][i] for i in uniq.tolist()]
+            order = sorted(range(len(texts)), key=lambda k: -len(texts[k]))  # little padding per chunk
+            emb = torch.empty(len(texts), int(self.encoder.config.hidden_size))
+            for s in range(0, len(order), self.chunk):
+                idx = order[s:s + self.chunk]
+                enc = self.tokenizer([texts[k] for k in idx], padding=True, truncation=True,
+                                     max_length=self.max_length, return_tensors="pt")
+                emb[idx] = mean_pool(self.encoder(**enc).last_hidden_state, enc["attention_mask"])
+            out[v] = (nn.functional.normalize(emb, dim=-1) if self.normalize else emb)[inverse]
+        return out
+
+
+@dataclass
+class LiveSpec:
+    """What a live-path builder returns: the serving-time module and how the teacher's artifact maps onto it."""
+
+    model: nn.Module
+    """Untrained; forward(batch) runs the FM on the batch's raw inputs (texts, pixels) and its head."""
+    backbone: str
+    """Name of the frozen foundation model (for the report)."""
+    backbone_files: dict[str, int]
+    """Bytes a server loads for the backbone (weights, tokenizer, config)."""
+    backbone_prefix: str = "encoder."
+    """State-dict prefix of the backbone: loaded by the builder, absent from the teacher's artifact."""
+    cached_prefix: str = "emb_"
+    """Artifact keys the live path replaces (cached backbone outputs); ignored when loading."""
+
+
+def _encoder_bytes(folder: Path) -> dict[str, int]:
+    """Bytes of what a server loads from the encoder folder: the weights, then tokenizer and config files."""
+    weights = [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else list(folder.glob("*.bin"))
+    small = [f for f in folder.iterdir() if f.is_file() and (f.name.startswith("tokenizer") or f.suffix == ".model"
+                                                             or f.name in ("vocab.txt", "merges.txt", "config.json",
+                                                                           "special_tokens_map.json"))]
+    return {"encoder weights": sum(f.stat().st_size for f in weights),
+            "tokenizer + config": sum(f.stat().st_size for f in small)}
+
+
+def _text_live(cfg: TextTeacherConfig, task: TaskData) -> LiveSpec:
+    views = {v: task.texts[v].index for v in (cfg.views or list(task.texts))}
+    tokenizer, encoder = load_encoder(cfg.encoder)
+    sub = getattr(cfg, "features", None)
+    features = MODELS.get(sub.name).impl(sub, task) if sub is not None else None
+    return LiveSpec(LiveTextModel(cfg, task, views, tokenizer, encoder, features), backbone=cfg.encoder,
+                    backbone_files=_encoder_bytes(Path(resolve_encoder_path(cfg.encoder))))
+
+
+LIVE_BUILDERS: dict[str, Callable[[Any, TaskData], LiveSpec]] = {"probe": _text_live, "hybrid": _text_live}
+"""recipe -> live-path builder. A recipe can also define a `live_model(cfg, task) -> LiveSpec` classmethod,
+which serve-bench uses without any change here."""
+
+
+def live_builder(recipe: str) -> Callable[[Any, TaskData], LiveSpec] | None:
+    return getattr(RECIPES.get(recipe).impl, "live_model", None) or LIVE_BUILDERS.get(recipe)
+
+
+@dataclass
+class FmPath:
+    """The live FM teacher of a run, what it weighs, and the artifact outputs to check it against."""
+
+    name: str
+    recipe: str
+    encoder: str
+    model: nn.Module
+    params: int
+    file_bytes: dict[str, int]
+    artifact: Path
+    outputs: torch.Tensor
+    test: dict[str, Any] | None
+
+
+def pick_fm_teacher(cfg: RunConfig, metrics: dict[str, Any]) -> str | None:
+    """The foundation teacher the student replaces: the one it learned from, else the reference, else the first."""
+    foundation = [n for n, t in cfg.teachers.items() if t.kind == "foundation"]
+    method_teacher = getattr(cfg.method, "teacher", None)
+    for name in (method_teacher, (metrics.get("reference") or {}).get("teacher_name"), *foundation):
+        if name in foundation:
+            return name
+    return None
+
+
+def build_fm_path(cfg: RunConfig, metrics: dict[str, Any], task: TaskData, name: str,
+                  cache_dir: str | Path | None = None) -> FmPath:
+    """Rebuild teacher `name` of a finished run as a live path, from its artifact in the cache directory."""
+    tcfg = cfg.teachers[name]
+    builder = live_builder(tcfg.recipe)
+    if builder is None:
+        raise ExportError(f"teacher {name!r} uses recipe {tcfg.recipe!r}, which has no live serving path yet "
+                          f"(recipes with one: {', '.join(LIVE_BUILDERS)})")
+    seen = (metrics.get("teachers") or {}).get(name) or {}
+    seed = tcfg.seed if tcfg.seed is not None else cfg.seed
+    fp = seen.get("fingerprint") or teacher_fingerprint(name, tcfg, task, seed)
+    artifact = Path(cache_dir or cfg.cache_dir) / "teachers" / f"{name}-{fp}"
+    if not (artifact / "weights.safetensors").is_file():
+        raise ExportError(f"teacher {name!r}: artifact {artifact} not found; pass --cache-dir with the run's "
+                          f"cache_dir (config says {cfg.cache_dir!r})")
+    spec = builder(tcfg, task)
+    model = spec.model
+    state = load_file(str(artifact / "weights.safetensors"))
+    live = {k: v for k, v in state.items() if not k.startswith(spec.cached_prefix)}
+    try:
+        missing, unexpected = model.load_state_dict(live, strict=False)
+    except RuntimeError as e:
+        raise ExportError(f"teacher {name!r}: artifact weights do not fit the live path ({one_line(e)})") from None
+    missing = [k for k in missing if not k.startswith(spec.backbone_prefix)]
+    if missing or unexpected:
+        raise ExportError(f"teacher {name!r}: artifact weights do not fit the live path "
+                          f"(missing {missing[:2]}, unexpected {unexpected[:2]})")
+    model.eval().requires_grad_(False)
+    head = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith(spec.backbone_prefix)}
+    with tempfile.TemporaryDirectory() as d:  # what a server ships beside the backbone: the head alone
+        save_file(head, f"{d}/head.safetensors")
+        head_bytes = Path(f"{d}/head.safetensors").stat().st_size
+    meta = json.loads((artifact / "meta.json").read_text())
+    return FmPath(name=name, recipe=tcfg.recipe, encoder=spec.backbone, model=model,
+                  params=sum(p.numel() for p in model.parameters()),
+                  file_bytes=spec.backbone_files | {"head": head_bytes},
+                  artifact=artifact, outputs=torch.from_numpy(np.load(artifact / "outputs.npy").astype(np.float32)),
+                  test=(meta.get("metrics") or {}).get("test"))
