@@ -238,7 +238,7 @@ def _metrics(cfg: RunConfig, task: TaskData, teachers: dict[str, PreparedTeacher
 def format_summary(metrics: dict[str, Any]) -> str:
     m = metrics["metric"]
     ood = ", ".join(f"{s} {v[m]:.4f}" for s, v in metrics["ood"].items())
-    gap = metrics["gap_recovered"]
+    gap = metrics["gap_recovered"] if metrics["method"] != "student" else None
     parts = [f"{metrics['task']} {metrics['method']} seed {metrics['seed']}: test {m} {metrics['test'][m]:.4f}",
              f"OOD {ood}" if ood else "", f"gap recovered {gap:.2f}" if gap is not None else "",
              f"best epoch {metrics['best_epoch']}", f"train {metrics['seconds']['train']:.1f}s"]
