@@ -57,7 +57,8 @@ def build_task(cfg: RunConfig) -> TaskData:
 
 
 def _reference_key(cfg: RunConfig, task: TaskData) -> str:
-    return stable_hash([task.fingerprint, to_dict(cfg.student), to_dict(cfg.train), cfg.seed])
+    """The student alone on the same data, model and seed (whatever loop settings the method uses)."""
+    return stable_hash([task.fingerprint, to_dict(cfg.student), cfg.seed])
 
 
 def _reference_path(cfg: RunConfig, task: TaskData) -> Path:
