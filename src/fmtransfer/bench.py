@@ -132,14 +132,16 @@ def aggregate(runs: list[dict[str, Any]], order: list[str] | None = None) -> lis
     Runs follow `order` (a suite's order) when given, else the student first and the rest by name.
     """
     rows: dict[str, dict[str, Any]] = {}
-    student_by_seed: dict[tuple[str, int], float] = {}
+    student_by_seed: dict[tuple[str, int, int], float] = {}
+    labels = lambda m: (m.get("labels") or {}).get("train", -1)  # noqa: E731
+    several = len({labels(m) for m in runs}) > 1  # a label sweep: teachers differ per setting
     for m in runs:
         if m["method"] == "student":
-            student_by_seed[(m["task"], m["seed"])] = m["test"][m["metric"]]
+            student_by_seed[(m["task"], labels(m), m["seed"])] = m["test"][m["metric"]]
     for m in runs:
         metric = m["metric"]
         for tname, t in m.get("teachers", {}).items():
-            key = f"teacher {tname} ({t['recipe']})"
+            key = f"teacher {tname} ({t['recipe']})" + (f", {labels(m):,} labels" if several else "")
             row = rows.setdefault(key, {"name": key, "task": m["task"], "metric": metric, "_seen": set(),
                                         "test": [], "ood": [], "auc": [], "gap": [], "params": t["params"],
                                         "seconds": [], "seeds": []})
@@ -158,7 +160,7 @@ def aggregate(runs: list[dict[str, Any]], order: list[str] | None = None) -> lis
         row["test"].append(m["test"][metric])
         row["auc"].append(m["test"].get("auc"))
         row["ood"].append((m.get("ood_mean") or {}).get(metric))
-        student = student_by_seed.get((m["task"], m["seed"]), m["reference"]["student"])
+        student = student_by_seed.get((m["task"], labels(m), m["seed"]), m["reference"]["student"])
         row["gap"].append(gap_recovered(m["test"][metric], student, m["reference"]["teacher"], m["higher_is_better"]))
         row["seconds"].append(m["seconds"]["train"])
         row["seeds"].append(m["seed"])

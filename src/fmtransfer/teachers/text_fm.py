@@ -217,9 +217,10 @@ class FinetuneTextModel(TextHeadModel):
             self.register_buffer(f"ids_{v}", enc["input_ids"], persistent=False)
             self.register_buffer(f"mask_{v}", enc["attention_mask"], persistent=False)
         self._table_cache: dict[str, torch.Tensor] = {}
+        self._have: dict[str, torch.Tensor] = {}
 
     def train(self, mode: bool = True) -> FinetuneTextModel:
-        self._table_cache = {}
+        self._table_cache, self._have = {}, {}  # weights change in training: forget encoded texts
         return super().train(mode)
 
     def _encode(self, v: str, idx: torch.Tensor) -> torch.Tensor:
@@ -229,18 +230,26 @@ class FinetuneTextModel(TextHeadModel):
         emb = mean_pool(self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
         return nn.functional.normalize(emb, dim=-1) if self.normalize else emb
 
+    @torch.no_grad()
+    def _eval_embeddings(self, v: str, idx: torch.Tensor) -> torch.Tensor:
+        """In eval mode each text is encoded once, when first asked for (validation reads only its rows)."""
+        n = getattr(self, f"ids_{v}").shape[0]
+        if v not in self._table_cache:
+            self._table_cache[v] = torch.zeros(n, self.encoder.config.hidden_size, device=idx.device)
+            self._have[v] = torch.zeros(n, dtype=torch.bool, device=idx.device)
+        todo = torch.unique(idx[~self._have[v][idx]])
+        for s in range(0, len(todo), self.encode_batch_size):
+            chunk = todo[s:s + self.encode_batch_size]
+            self._table_cache[v][chunk] = self._encode(v, chunk).float()
+        self._have[v][todo] = True
+        return self._table_cache[v][idx]
+
     def text_embeddings(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}
         for v, index in self.views.items():
             idx = batch[index]
             if not self.training:
-                if v not in self._table_cache:
-                    n = getattr(self, f"ids_{v}").shape[0]
-                    with torch.no_grad():
-                        self._table_cache[v] = torch.cat([
-                            self._encode(v, torch.arange(s, min(s + self.encode_batch_size, n), device=idx.device))
-                            for s in range(0, n, self.encode_batch_size)])
-                out[v] = self._table_cache[v][idx]
+                out[v] = self._eval_embeddings(v, idx)
                 continue
             uniq, inverse = torch.unique(idx, return_inverse=True)
             out[v] = self._encode(v, uniq)[inverse]
