@@ -142,12 +142,14 @@ def aggregate(runs: list[dict[str, Any]], order: list[str] | None = None) -> lis
         metric = m["metric"]
         for tname, t in m.get("teachers", {}).items():
             key = f"teacher {tname} ({t['recipe']})" + (f", {labels(m):,} labels" if several else "")
-            row = rows.setdefault(key, {"name": key, "task": m["task"], "metric": metric, "_seen": set(),
+            row = rows.setdefault(key, {"name": key, "task": m["task"], "metric": metric, "_seen": [],
                                         "test": [], "ood": [], "auc": [], "gap": [], "params": t["params"],
                                         "seconds": [], "seeds": []})
             if t["fingerprint"] in row["_seen"]:
+                if not t.get("from_cache"):  # the run that prepared it knows how long that took
+                    row["seconds"][row["_seen"].index(t["fingerprint"])] = t.get("seconds")
                 continue
-            row["_seen"].add(t["fingerprint"])
+            row["_seen"].append(t["fingerprint"])
             row["test"].append(t["test"][metric])
             row["auc"].append(t["test"].get("auc"))
             ood = [v[metric] for v in t.get("ood", {}).values()]
