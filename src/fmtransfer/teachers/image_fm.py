@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmtransfer.cache.store import FeatureStore, FieldSpec
 from fmtransfer.config import TeacherConfig
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ConfigError, DataError
@@ -195,30 +196,42 @@ def cached_backbone_outputs(cfg: ImageFMConfig, task: TaskData, cache_dir: str |
                             device: torch.device) -> tuple[torch.Tensor, int]:
     """The frozen backbone's output after block `stop` (pooled or the whole map) for every row.
 
-    Read from `cache_dir/image-features/` when these weights already ran on these images at this
-    resolution; returns (outputs, images the backbone actually ran on: 0 on a cache hit). A cache file
-    that does not load or has the wrong row count is rebuilt, never used. Maps are stored as fp16.
+    Stored in the sharded feature store (`cache_dir/features/<key>/`, see fmtransfer.cache.store) when
+    these weights already ran on these images at this resolution; returns (outputs, images the backbone
+    actually ran on: 0 on a full hit). Truncated or altered shards are rebuilt, never used; an
+    interrupted build resumes. Pooled features are stored as fp32, maps as fp16.
     """
     images = _images(cfg, task)
-    key = stable_hash([weights_hash(cfg), cfg.backbone, cfg.resolution, cfg.normalize, stop, pool,
-                       hash_arrays([images], 32)])
-    path = Path(cache_dir) / "image-features" / f"{key}.npy"
-    if path.exists():
-        try:
-            arr = np.load(path, allow_pickle=False)
-            if arr.shape[0] == len(images) and np.isfinite(arr).all():
-                return torch.from_numpy(arr.astype(np.float32)), 0
-        except (ValueError, OSError, EOFError):
-            pass
-        print(f"fmtransfer: image-feature cache {path.name} is corrupt or stale; rebuilding it", flush=True)
-    net = load_backbone(cfg)
-    feats = _compute(net, Preprocess(cfg.resolution, cfg.normalize), images, stop, pool, cfg.feature_batch_size,
-                     device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, feats.numpy().astype(np.float32 if pool else np.float16))
-    os.replace(tmp, path)
-    return feats, len(images)
+    key = stable_hash(["image-backbone", weights_hash(cfg), cfg.backbone, cfg.resolution, cfg.normalize, stop, pool,
+                       hash_arrays([images], 32), "augmentation:none"])
+    net: nn.Module | None = None
+
+    def produce(start: int, end: int) -> dict[str, np.ndarray]:
+        nonlocal net
+        if net is None:
+            net = load_backbone(cfg)
+        feats = _compute(net, Preprocess(cfg.resolution, cfg.normalize), images[start:end], stop, pool,
+                         cfg.feature_batch_size, device)
+        return {"features": feats.numpy()}
+
+    probe = _compute(load_backbone(cfg), Preprocess(cfg.resolution, cfg.normalize), images[:1], stop, pool, 1,
+                     device) if not _store_exists(cache_dir, key) else None
+    shape = tuple(probe.shape[1:]) if probe is not None else _store_shape(cache_dir, key)
+    store = FeatureStore(Path(cache_dir) / "features", key,
+                         {"features": FieldSpec(shape, "float32" if pool else "float16")}, len(images))
+    ran = 0 if store.is_complete() else store.build(produce, desc="backbone")
+    return torch.from_numpy(store.load("features").astype(np.float32)), ran
+
+
+def _store_exists(cache_dir: str | Path, key: str) -> bool:
+    return (Path(cache_dir) / "features" / key / "manifest.json").exists()
+
+
+def _store_shape(cache_dir: str | Path, key: str) -> tuple[int, ...]:
+    import json
+
+    manifest = json.loads((Path(cache_dir) / "features" / key / "manifest.json").read_text())
+    return tuple(manifest["store"]["fields"]["features"]["shape"])
 
 
 def _n_params(modules: list[nn.Module]) -> int:
