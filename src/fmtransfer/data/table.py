@@ -160,4 +160,4 @@ def _codes(series: Any) -> tuple[np.ndarray, list[str]]:
     values = series.astype("string")
     uniques = sorted(v for v in values.dropna().unique())
     index = {v: k + 1 for k, v in enumerate(uniques)}
-    return values.map(index).fillna(0).astype(np.int64).to_numpy(), uniques
+    return values.map(index).fillna(0).astype(np.int64).to_numpy().copy(), uniques
