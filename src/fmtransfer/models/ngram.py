@@ -79,8 +79,11 @@ class NgramModel(TaskModel):
             h = batch.get(v)
             if h is None or h.dim() != 2:
                 raise DataError(f"model ngram: the batch has no (B, L) n-gram view {v!r}")
-            width = int((h >= 0).sum(1).max()) if h.numel() else 0
-            h = h[:, :max(width, 1)].long()
+            if _eager():  # trimming padding is only a speed-up (padding rows are not pooled); a traced or
+                # exported graph must not freeze the example batch's width
+                width = int((h >= 0).sum(1).max()) if h.numel() else 0
+                h = h[:, :max(width, 1)]
+            h = h.long()
             parts.append(torch.where(h >= 0, h % self.buckets + 1, torch.zeros_like(h)))
         ids = torch.cat(parts, dim=1)
         if self.training and self.token_dropout > 0:
@@ -97,6 +100,11 @@ class NgramModel(TaskModel):
 
     def offset(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | float:
         return self.mean if self.task_type == "regression" else 0.0
+
+
+def _eager() -> bool:
+    return not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+                or torch.onnx.is_in_onnx_export())
 
 
 MODELS.register("ngram", NgramConfig, NgramModel)
