@@ -171,3 +171,15 @@ def test_efficientnet_recipes_on_a_few_images(recipe: str, tmp_path: Path) -> No
     with torch.no_grad():
         live = model(task.gather(torch.arange(task.num_rows)))
     torch.testing.assert_close(live, t.outputs, atol=1e-3, rtol=1e-3)
+    if recipe == "image_probe":  # the serving path runs the backbone on the pixels: same outputs
+        from safetensors.torch import load_file
+
+        from fmtransfer.teachers.image_fm import ImageProbe
+
+        spec = ImageProbe.live_model(cfg.teachers["fm"], task)
+        spec.model.load_state_dict(load_file(str(t.path / "weights.safetensors")), strict=False)
+        spec.model.eval()
+        rows = torch.arange(12)
+        with torch.no_grad():
+            served = spec.model(task.gather(rows))
+        torch.testing.assert_close(served, t.outputs[rows], atol=5e-3, rtol=5e-3)  # fp16-cached features

@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -350,7 +350,56 @@ class ImageProbe(Recipe):
         return TeacherBuild(model, frozen_params=_used_params(net, stop), encoder_forwards=ran)
 
 
+    @classmethod
+    def live_model(cls, cfg: ImageFMConfig, task: TaskData) -> Any:
+        """The probe as it would serve a request: the backbone runs live on the request's pixels (serve-bench)."""
+        from fmtransfer.serving.fm_path import LiveSpec
+
+        net = load_backbone(cfg).eval()
+        stop = len(net._blocks) if cfg.tap is None else cfg.tap + 1
+        model = LiveImageProbe(cfg, task, net, stop)
+        return LiveSpec(model, backbone=cfg.backbone, backbone_files={"backbone weights": os.path.getsize(
+            weights_path(cfg))}, backbone_prefix="backbone.", cached_prefix="feats")
+
+
+class _UsedBackbone(nn.Module):
+    """The stem and blocks [0, stop) of an EfficientNet (and its 1x1 head conv when every block runs)."""
+
+    def __init__(self, net: nn.Module, stop: int) -> None:
+        super().__init__()
+        self.stem, self.bn0, self.swish = net._conv_stem, net._bn0, net._swish
+        self.blocks = nn.ModuleList(list(net._blocks)[:stop])
+        self.head = nn.Sequential(net._conv_head, net._bn1) if stop == len(net._blocks) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.swish(self.bn0(self.stem(x)))
+        for block in self.blocks:
+            x = block(x, drop_connect_rate=None)
+        return self.swish(self.head(x)) if self.head is not None else x
+
+
+class LiveImageProbe(ImageHead):
+    """`image_probe` with the frozen backbone run on the batch's pixels instead of cached features."""
+
+    def __init__(self, cfg: ImageFMConfig, task: TaskData, net: nn.Module, stop: int) -> None:
+        backbone = _UsedBackbone(net, stop).eval()
+        pre = Preprocess(cfg.resolution, cfg.normalize)
+        with torch.no_grad():
+            sample = backbone(pre(task.features[cfg.feature][:1].float()))
+        dim = sample.shape[1] * (cfg.grid * cfg.grid if cfg.grid > 1 else 1)
+        super().__init__(cfg, task, dim)
+        self.backbone, self.pre, self.grid, self.feature = backbone, pre, cfg.grid, cfg.feature
+        self.register_buffer("mu", torch.zeros(dim))
+        self.register_buffer("sd", torch.ones(dim))
+
+    def pooled(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        h = self.backbone(self.pre(batch[self.feature].float()))
+        f = h.mean(dim=(2, 3)) if self.grid == 1 else F.adaptive_avg_pool2d(h, self.grid).flatten(1)
+        return (f - self.mu) / self.sd
+
+
 class ImageFinetune(ImageProbe):
+    live_model = None  # type: ignore[assignment]  # the fine-tuned blocks have no live serving path yet
     @classmethod
     def build(cls, cfg: ImageFinetuneConfig, task: TaskData, cache_dir: Path,  # type: ignore[override]
               device: torch.device) -> TeacherBuild:
