@@ -8,6 +8,7 @@ import os
 import random
 import tempfile
 from collections.abc import Iterable
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,21 @@ def hash_arrays(arrays: Iterable[np.ndarray | torch.Tensor], n: int = 16) -> str
 def hash_state_dict(state: dict[str, torch.Tensor], n: int = 16) -> str:
     """Weights hash of a state dict, in key order."""
     return hash_arrays([state[k] for k in sorted(state)], n) + stable_hash(sorted(state), 4)
+
+
+def file_hash(path: str | Path) -> str:
+    """SHA-256 (16 hex digits) of a file's bytes, memoised by (path, size, mtime): weights are hashed once."""
+    st = os.stat(path)
+    return _file_hash(str(path), st.st_size, st.st_mtime)
+
+
+@lru_cache(maxsize=32)
+def _file_hash(path: str, size: int, mtime: float) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

