@@ -14,7 +14,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from fmtransfer.errors import DataError
+from fmtransfer.errors import ConfigError, DataError
 from fmtransfer.evaluate import classification_metrics, regression_metrics
 from fmtransfer.utils import hash_arrays, stable_hash
 
@@ -93,6 +93,18 @@ class TaskData:
             positive = self.meta.get("positive_threshold")
             return regression_metrics(pred, y, positive_threshold=positive)  # type: ignore[arg-type]
         return classification_metrics(pred, y)
+
+
+def image_view(task: TaskData, name: str, reader: str) -> torch.Tensor:
+    """The task's float image view `name` (N, C, H, W); `reader` names the config key that asked for it."""
+    if name not in task.features:
+        raise ConfigError(f"{reader}: {name!r} is not a feature of task {task.name} "
+                          f"(allowed: {', '.join(task.features)})")
+    x = task.features[name]
+    if x.dim() != 4 or not x.is_floating_point():
+        raise DataError(f"{reader}: images are read as float (N, C, H, W); feature {name!r} has shape "
+                        f"{tuple(x.shape)} and dtype {x.dtype}")
+    return x
 
 
 def labeled_subset(train_rows: np.ndarray, labels: int | float | None, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from fmtransfer.config import ModelConfig
-from fmtransfer.data.base import TaskData
-from fmtransfer.errors import ConfigError, DataError
+from fmtransfer.data.base import TaskData, image_view
+from fmtransfer.errors import ConfigError
 from fmtransfer.models.base import TaskModel, mlp, output_dim, squeeze_regression
 from fmtransfer.registry import MODELS
 
@@ -41,13 +41,7 @@ class CNN(TaskModel):
 
     def __init__(self, cfg: CNNConfig, task: TaskData) -> None:
         super().__init__()
-        if cfg.feature not in task.features:
-            raise ConfigError(f"model.feature: {cfg.feature!r} is not a feature of task {task.name} "
-                              f"(allowed: {', '.join(task.features)})")
-        x = task.features[cfg.feature]
-        if x.dim() != 4 or not x.is_floating_point():
-            raise DataError(f"model cnn reads float images (N, C, H, W); task feature {cfg.feature!r} has "
-                            f"shape {tuple(x.shape)} and dtype {x.dtype}")
+        x = image_view(task, cfg.feature, "model.feature")
         if not cfg.channels or cfg.convs_per_stage < 1:
             raise ConfigError("model.channels: give at least one stage, and convs_per_stage >= 1")
         self.feature, self.task_type = cfg.feature, task.task_type

@@ -30,7 +30,7 @@ from torch import nn
 
 from fmtransfer.cache.store import FeatureStore, FieldSpec
 from fmtransfer.config import TeacherConfig
-from fmtransfer.data.base import TaskData
+from fmtransfer.data.base import TaskData, image_view
 from fmtransfer.errors import ConfigError, DataError
 from fmtransfer.models.base import TaskModel, mlp, output_dim, squeeze_regression
 from fmtransfer.registry import RECIPES
@@ -154,14 +154,7 @@ def run_blocks(net: nn.Module, x: torch.Tensor, start: int, stop: int, drop_conn
 
 
 def _images(cfg: ImageFMConfig, task: TaskData) -> torch.Tensor:
-    if cfg.feature not in task.features:
-        raise ConfigError(f"teachers.*.feature: {cfg.feature!r} is not a feature of task {task.name} "
-                          f"(allowed: {', '.join(task.features)})")
-    x = task.features[cfg.feature]
-    if x.dim() != 4 or not x.is_floating_point():
-        raise DataError(f"image teachers read float images (N, C, H, W); feature {cfg.feature!r} has shape "
-                        f"{tuple(x.shape)} and dtype {x.dtype}")
-    return x
+    return image_view(task, cfg.feature, "teachers.*.feature")
 
 
 @torch.no_grad()
