@@ -64,6 +64,7 @@ class FeatureStore:
         self.dir = Path(root) / key
         self.key, self.fields, self.rows, self.shard_rows = key, fields, rows, shard_rows
         self.num_shards = -(-rows // shard_rows)
+        self._verified = False  # set once this process has checked every shard (CRCs are read once)
 
     # ------------------------------------------------------------------------------------------ layout
 
@@ -105,11 +106,14 @@ class FeatureStore:
 
     def is_complete(self) -> bool:
         """True when the manifest matches this entry and every shard passes its size and CRC check."""
+        if self._verified:
+            return True
         try:
             manifest = json.loads((self.dir / "manifest.json").read_text())
         except (OSError, json.JSONDecodeError):
             return False
-        return manifest.get("store") == self._expected() and not self.missing_shards()
+        self._verified = manifest.get("store") == self._expected() and not self.missing_shards()
+        return self._verified
 
     # ------------------------------------------------------------------------------------------- build
 
@@ -120,6 +124,7 @@ class FeatureStore:
         Rank 0 writes the manifest after every rank is done (call `barrier` between), so a manifest
         always describes complete shards.
         """
+        self._verified = False
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "shards").mkdir(exist_ok=True)
         todo = [k for k in self.missing_shards() if k % world == rank]

@@ -152,13 +152,13 @@ def prepare_teacher(name: str, cfg: TeacherConfig, task: TaskData, cache_dir: st
     fp = teacher_fingerprint(name, cfg, task, seed)
     precomputed = RECIPES.get(cfg.recipe).impl.precompute(cfg, task, cache_dir, ctx) if ctx.enabled else 0
     path = _artifact_dir(cache_dir, name, fp)
-    if ctx.is_main and _load_artifact(path, fp, task) is None:
+    art = _load_artifact(path, fp, task) if ctx.is_main else None
+    built_now = ctx.is_main and art is None
+    if built_now:
         _build_and_store(name, cfg, task, cache_dir, path, fp, seed, ctx.device, log)
-        built_now = True
-    else:
-        built_now = False
     ctx.barrier()
-    art = _load_artifact(path, fp, task)
+    if art is None:  # built just now, or another rank's turn to read it
+        art = _load_artifact(path, fp, task)
     if art is None:
         raise ArtifactError(f"teacher {name!r}: artifact {path} could not be read after preparation; "
                             "check free disk space and permissions of cache_dir")

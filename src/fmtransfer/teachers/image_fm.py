@@ -184,19 +184,21 @@ def cached_backbone_outputs(cfg: ImageFMConfig, task: TaskData, cache_dir: str |
     images = _images(cfg, task)
     key = stable_hash(["image-backbone", weights_hash(cfg), cfg.backbone, cfg.resolution, cfg.normalize, stop, pool,
                        hash_arrays([images], 32), "augmentation:none"])
+    pre = Preprocess(cfg.resolution, cfg.normalize)
     net: nn.Module | None = None
+    if _store_exists(cache_dir, key):
+        shape = _store_shape(cache_dir, key)
+    else:  # one image through the backbone tells the stored shape; the same loaded net fills the store
+        net = load_backbone(cfg)
+        shape = tuple(_compute(net, pre, images[:1], stop, pool, 1, device).shape[1:])
 
     def produce(start: int, end: int) -> dict[str, np.ndarray]:
         nonlocal net
         if net is None:
             net = load_backbone(cfg)
-        feats = _compute(net, Preprocess(cfg.resolution, cfg.normalize), images[start:end], stop, pool,
-                         cfg.feature_batch_size, device)
-        return {"features": feats.numpy()}
+        return {"features": _compute(net, pre, images[start:end], stop, pool, cfg.feature_batch_size,
+                                     device).numpy()}
 
-    probe = _compute(load_backbone(cfg), Preprocess(cfg.resolution, cfg.normalize), images[:1], stop, pool, 1,
-                     device) if not _store_exists(cache_dir, key) else None
-    shape = tuple(probe.shape[1:]) if probe is not None else _store_shape(cache_dir, key)
     store = FeatureStore(Path(cache_dir) / "features", key,
                          {"features": FieldSpec(shape, "float32" if pool else "float16")}, len(images))
     ran = 0 if store.is_complete() else store.build(produce, desc="backbone")
