@@ -144,7 +144,9 @@ def _run(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool)
     t_cache = time.perf_counter() - t_start
 
     torch.manual_seed(cfg.seed)  # the student's init must not depend on whether teachers came from the cache
-    student = MODELS.get(cfg.student.name).impl(cfg.student, task)
+    student = method_entry.impl.build_model(cfg.method, cfg, task, ctx.device)
+    if student is None:
+        student = MODELS.get(cfg.student.name).impl(cfg.student, task)
     n_student = count_params(student)
     for t in teachers.values():
         if t.kind == "foundation" and n_student > t.params / 10:

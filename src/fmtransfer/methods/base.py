@@ -39,6 +39,15 @@ class Method(nn.Module):
         """Names of the teachers whose outputs this method reads (validated against `available`)."""
         return []
 
+    @classmethod
+    def build_model(cls, cfg: MethodConfig, run_cfg: Any, task: TaskData, device: torch.device) -> TaskModel | None:
+        """The model this method trains, evaluates and ships; None = the configured `student`.
+
+        Fine-tuning methods (LEVI and its baselines) return a model built around the foundation model here,
+        reading `run_cfg.cache_dir` for its cached features.
+        """
+        return None
+
     def predict(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.student(batch)
 

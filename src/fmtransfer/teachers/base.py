@@ -89,6 +89,16 @@ class PreparedTeacher:
     encoder_forwards: int = 0
     from_cache: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    cfg: TeacherConfig | None = None
+    """The recipe config it was prepared from (lets a method rebuild and run the teacher live)."""
+    cache_dir: Path | None = None
+
+    def load_model(self, task: TaskData, device: torch.device | None = None) -> TaskModel:
+        """The teacher's trained module, frozen and in eval mode, for methods that run it live
+        (injecting messages into its layers, or skipping its forward per sample)."""
+        if self.cfg is None or self.cache_dir is None:
+            raise ArtifactError(f"teacher {self.name!r} was built without its config; prepare it with prepare_teacher")
+        return load_teacher_weights(self, self.cfg, task, self.cache_dir, device)
 
     def summary(self) -> dict[str, Any]:
         return {"kind": self.kind, "recipe": self.recipe, "fingerprint": self.fingerprint,
@@ -168,7 +178,7 @@ def prepare_teacher(name: str, cfg: TeacherConfig, task: TaskData, cache_dir: st
         params=meta["params"], trainable_params=meta["trainable_params"], metrics=meta["metrics"], path=path,
         seconds=meta["seconds"] if built_now else 0.0, forward_rows_run=task.num_rows if built_now else 0,
         encoder_forwards=(meta.get("encoder_forwards", 0) if built_now else 0) + precomputed, from_cache=not built_now,
-        extra={"prepare_seconds": meta["seconds"]},
+        extra={"prepare_seconds": meta["seconds"]}, cfg=cfg, cache_dir=cache_dir,
     )
 
 
