@@ -93,6 +93,9 @@ class TeacherConfig:
     kind: Literal["foundation", "complementary"] = "complementary"
     seed: int | None = None
     """Seed of the teacher's preparation; null = the run's seed."""
+    train_splits: list[str] = field(default_factory=lambda: ["train"])
+    """Splits whose labels the teacher trains on: e.g. ["train", "context"] on movielens-genre lets a
+    teacher learn from the other genres' ratings that the student's task never sees."""
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

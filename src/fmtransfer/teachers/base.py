@@ -10,6 +10,7 @@ truncated or inconsistent artifact is detected and rebuilt, never used.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from fmtransfer.config import MethodConfig, TeacherConfig, to_dict
 from fmtransfer.data.base import TaskData
-from fmtransfer.errors import ArtifactError, DataError
+from fmtransfer.errors import ArtifactError, ConfigError, DataError
 from fmtransfer.models.base import TaskModel
 from fmtransfer.registry import RECIPES
 from fmtransfer.train.distributed import DistContext
@@ -58,6 +59,13 @@ class Recipe:
     @classmethod
     def build(cls, cfg: Any, task: TaskData, cache_dir: Path, device: torch.device) -> TeacherBuild:
         raise NotImplementedError
+
+    @classmethod
+    def method(cls, cfg: Any, model: TaskModel, task: TaskData) -> Any:
+        """The training objective of preparation (default: the task loss alone, `student`)."""
+        from fmtransfer.methods.student import Student
+
+        return Student(MethodConfig(name="student"), model, task, {})
 
     @classmethod
     def precompute(cls, cfg: Any, task: TaskData, cache_dir: Path, ctx: DistContext) -> int:
@@ -108,8 +116,10 @@ class PreparedTeacher:
 
 def teacher_fingerprint(name: str, cfg: TeacherConfig, task: TaskData, seed: int) -> str:
     recipe = RECIPES.get(cfg.recipe).impl
-    return stable_hash([ARTIFACT_VERSION, name, to_dict(cfg), task.fingerprint, seed,
-                        recipe.fingerprint_extra(cfg)])
+    d = to_dict(cfg)
+    if d.get("train_splits") == ["train"]:
+        del d["train_splits"]  # the default: keeps artifacts prepared before the option existed valid
+    return stable_hash([ARTIFACT_VERSION, name, d, task.fingerprint, seed, recipe.fingerprint_extra(cfg)])
 
 
 def _artifact_dir(cache_dir: Path, name: str, fp: str) -> Path:
@@ -182,17 +192,33 @@ def prepare_teacher(name: str, cfg: TeacherConfig, task: TaskData, cache_dir: st
     )
 
 
+def _training_view(name: str, cfg: TeacherConfig, task: TaskData) -> TaskData:
+    """The task as the teacher trains on it: labeled rows of every split in `train_splits`, no transfer set."""
+    if list(cfg.train_splits) == ["train"]:
+        return task
+    missing = [s for s in cfg.train_splits if s not in task.splits]
+    if missing:
+        allowed = ", ".join(s for s in task.splits if not s.startswith(("val", "test", "ood/")))
+        raise ConfigError(f"teachers.{name}.train_splits: task {task.name} has no split {missing[0]!r} "
+                          f"(allowed: {allowed})")
+    leaks = [s for s in cfg.train_splits if s in ("val", "test") or s.startswith("ood/")]
+    if leaks:
+        raise ConfigError(f"teachers.{name}.train_splits: {leaks[0]!r} is an evaluation split; a teacher "
+                          "must not train on it")
+    rows = torch.unique(torch.cat([task.splits[s] for s in cfg.train_splits]))
+    return dataclasses.replace(task, splits={**task.splits, "train": rows, "transfer": rows[:0]},
+                               fingerprint=task.fingerprint)
+
+
 def _build_and_store(name: str, cfg: TeacherConfig, task: TaskData, cache_dir: Path, path: Path, fp: str,
                      seed: int, device: torch.device, log: Any) -> None:
-    from fmtransfer.methods.student import Student
-
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     recipe = RECIPES.get(cfg.recipe).impl
     built = recipe.build(cfg, task, cache_dir, device)
     model = built.model
-    method = Student(MethodConfig(name="student"), model, task, {})
-    result = fit(method, task, cfg.train, seed=seed, ctx=DistContext(device=device),
+    method = recipe.method(cfg, model, task)
+    result = fit(method, _training_view(name, cfg, task), cfg.train, seed=seed, ctx=DistContext(device=device),
                  desc=f"teacher {name}", log=log)
     method.load_state_dict(result.best_state)
     method.eval()
