@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 from fmtransfer.config import load_config
@@ -37,13 +38,26 @@ def _method(options: str):  # type: ignore[no-untyped-def]
     return method, task, outputs, reps
 
 
-def test_gate_learns_the_right_teacher_and_filtering_skips_the_other() -> None:
-    method, task, outputs, reps = _method("l_gate: 1.0, tau: 1.0, entropy_floor: 0.05")
+def _gate_loss(method, batch):  # type: ignore[no-untyped-def]
+    """The gate objective with every teacher run on every row (what the method uses on kept labeled pairs)."""
+    from fmtransfer.methods.diverse_distill import _per_row_task_loss
+
+    z = method.student.body(batch)
+    pred = method.student.head(z) + method.student.offset(batch)
+    t_loss = torch.stack([_per_row_task_loss(batch[f"teacher:{n}"], batch["y"], "classification")
+                          for n in method.names], -1)
+    seen = torch.ones_like(t_loss, dtype=torch.bool)
+    return method._gate_loss(z, t_loss, _per_row_task_loss(pred, batch["y"], "classification").detach(), seen)
+
+
+@pytest.mark.parametrize("target", ["benefit", "correctness"])
+def test_gate_learns_the_right_teacher_and_filtering_skips_the_other(target: str) -> None:
+    method, task, outputs, reps = _method(f"l_gate: 1.0, tau: 1.0, entropy_floor: 0.05, gate_target: {target}")
     rows = task.splits["train"]
     batch = make_batch(task, rows, torch.ones(len(rows), dtype=torch.bool), outputs, reps)
     opt = torch.optim.Adam(method.gate.parameters(), lr=0.05)
     for _ in range(60):
-        loss = method._gate_loss(method.student.body(batch), batch, batch["labeled"])
+        loss = _gate_loss(method, batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -58,6 +72,38 @@ def test_gate_learns_the_right_teacher_and_filtering_skips_the_other() -> None:
     assert {"align", "answer", "kd", "gate", "alpha:good", "alpha:bad"} <= set(terms)
 
 
+def test_benefit_target_is_the_teachers_loss_advantage() -> None:
+    """Golden: gate scores g, student loss s, teacher losses t -> mean over seen pairs of (g - (s - t))^2."""
+    method, *_ = _method("gate_target: benefit")
+    with torch.no_grad():
+        method.gate.weight.zero_()
+        method.gate.bias.copy_(torch.tensor([0.5, -1.0]))
+    z = torch.zeros(2, method.student.rep_dim)
+    t_loss = torch.tensor([[0.1, 2.0], [0.3, 0.4]])
+    s_loss = torch.tensor([1.0, 0.2])
+    seen = torch.tensor([[True, True], [True, False]])
+    # targets: [0.9, -1.0], [-0.1, (unseen)]; errors: (0.5-0.9)^2=0.16, (-1+1)^2=0, (0.5+0.1)^2=0.36
+    got = method._gate_loss(z, t_loss, s_loss, seen)
+    assert abs(float(got.detach()) - (0.16 + 0.0 + 0.36) / 3) < 1e-6
+
+
+@pytest.mark.parametrize("filter_by", ["gate", "random"])
+def test_skip_fraction_skips_that_share_of_pairs_and_never_a_whole_row(filter_by: str) -> None:
+    method, task, outputs, reps = _method(f"skip_fraction: 0.3, explore: 0.0, filter_by: {filter_by}")
+    rows = task.splits["train"][:40]
+    method.train()
+    method(make_batch(task, rows, torch.ones(40, dtype=torch.bool), outputs, reps))
+    d = method.diagnostics()
+    assert d["pairs_skipped"] == int(0.3 * 80) and d["pairs_kept"] == 80 - int(0.3 * 80)
+    alpha = torch.rand(40, 2)
+    keep = method.keep_mask(alpha, alpha)
+    assert keep.any(-1).all()
+    assert int((~keep).sum()) == int(0.3 * 80)
+    if filter_by == "gate":  # the lowest-scored pairs go first, except a row's best teacher, which always runs
+        best = torch.zeros_like(keep).scatter_(1, alpha.argmax(-1, keepdim=True), True)
+        assert alpha[~keep].max() <= alpha[keep & ~best].min()
+
+
 def test_equal_importance_keeps_every_teacher() -> None:
     method, task, outputs, reps = _method("importance: equal")
     rows = task.splits["train"][:16]
@@ -66,6 +112,35 @@ def test_equal_importance_keeps_every_teacher() -> None:
     assert "gate" not in terms
     assert terms["alpha:good"].item() == terms["alpha:bad"].item() == 0.5
     assert method.diagnostics()["pairs_skipped"] == 0
+
+
+def test_live_teachers_train_exactly_like_cached_ones_and_run_only_kept_rows(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from fmtransfer.run import JsonlLog, prepare_teachers
+    from fmtransfer.train.distributed import DistContext
+
+    def make(source: str):  # type: ignore[no-untyped-def]
+        cfg = load_config(TINY, [f"cache_dir={tmp_path}", "method={name: diverse_distill, skip_fraction: 0.4, "
+                                 f"explore: 0.0, teacher_source: {source}}}",
+                                 "teachers.deep={recipe: supervised, model: {name: mlp, hidden: [8]}, "
+                                 "train: {epochs: 1, batch_size: 32, steps_per_epoch: 3}}"])
+        task = build_task(cfg)
+        teachers = prepare_teachers(cfg, task, ["wide", "deep"], DistContext(), JsonlLog(None))
+        torch.manual_seed(0)
+        student = MODELS.get(cfg.student.name).impl(cfg.student, task)
+        method = METHODS.get("diverse_distill").impl(cfg.method, student, task, teachers)
+        rows = task.splits["train"][:32]
+        batch = make_batch(task, rows, torch.ones(32, dtype=torch.bool), {n: t.outputs for n, t in teachers.items()},
+                           {n: t.reps for n, t in teachers.items()})
+        method.train()
+        torch.manual_seed(1)
+        return method, method(batch)
+
+    _, t_cached = make("cache")
+    live, t_live = make("live")
+    for k in ("loss", "align", "answer", "kd", "gate"):
+        assert torch.allclose(t_cached[k], t_live[k], atol=2e-3), k  # reps are stored in fp16
+    d = live.diagnostics()
+    assert sum(d["live_teacher_rows"].values()) == d["pairs_kept"] == 64 - int(0.4 * 64)
 
 
 def test_gate_gets_no_gradient_from_the_terms_it_weights() -> None:

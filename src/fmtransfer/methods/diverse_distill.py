@@ -3,16 +3,24 @@
 Our reading of DiverseDistill (only the abstract was available; every choice is an option):
 - Each teacher k has a learned embedding e_k; the student asks with a teacher-conditioned query
   q_k = W_q z_s + e_k.
-- The answer module reads the teacher's representation h_k (stored with the prepared teacher) and
-  the query: a_k = MLP_k([P_k h_k ; q_k]), in the student's representation space.
-- Importance alpha(x) = softmax(G(z_s) / tau), computed from the student side only (so a teacher can be
-  skipped before it runs), mixed with an entropy floor. G is NOT trained through the loss it weights
-  (a prototype collapsed to one teacher that way): it learns, on labeled rows and with a stop-gradient,
-  to predict which teacher is right about the row: target softmax(-loss_k(x) / target_tau).
-- Filtering keeps teachers with alpha_k >= rho (default 1/(2K)) or the top m, renormalises, and counts
-  the (row, teacher) pairs skipped.
-- loss = task + l_align * sum_k alpha_k (1 - cos(z_s, a_k)) + l_ans * mean_k task_loss(S_head(a_k), y)
-         + l_kd * sum_k alpha_k KD(t_k, s) + l_gate * CE(alpha_target, G)
+- The answer module reads the teacher's representation h_k (stored with the prepared teacher, or computed
+  live) and the query: a_k = MLP_k([P_k h_k ; q_k]), in the student's representation space.
+- Importance comes from the student side only, so a teacher can be skipped before it runs: a gate G(z_s)
+  gives one score per teacher, alpha(x) = softmax(G(z_s) / tau) mixed with an entropy floor. G is NOT
+  trained through the loss it weights (a prototype collapsed to one teacher that way); it learns with a
+  stop-gradient on labeled rows where the teacher ran:
+    `gate_target: benefit` (default) - regress G_k on the teacher's advantage over the student on the
+      row, loss(student) - loss(teacher k): a teacher that is no better than the student here is useless;
+    `gate_target: correctness` - cross-entropy to softmax(-loss_k / target_tau) (which teacher is right).
+- Filtering: `skip_fraction` skips that share of the batch's (row, teacher) pairs, lowest gate score first
+  (a random `explore` share of pairs is always kept so the gate keeps getting feedback); or keep teachers
+  with alpha_k >= rho (default 1/(2K)); or the top m. At least one teacher per row always runs.
+  `filter_by: random` skips the same number of pairs at random (the ablation that says whether the gate's
+  choice matters). Skipped pairs contribute to no term, and the gate learns only from pairs that ran, so a
+  run on cached outputs trains exactly as a live one would; `teacher_source: live` runs each teacher's
+  module on its kept rows only and counts the rows it really ran.
+- loss = task + l_align * sum_k w_k (1 - cos(z_s, a_k)) + l_ans * mean_k task_loss(S_head(a_k), y | kept)
+         + l_kd * sum_k w_k KD(t_k, s) + l_gate * gate_loss,  w = alpha over the kept teachers.
 All of it is dropped at export: `predict` runs the student alone.
 """
 
@@ -31,7 +39,6 @@ from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ConfigError
 from fmtransfer.methods.base import Method
 from fmtransfer.methods.ca_mkd import per_row_kd
-from fmtransfer.methods.losses import masked_task_loss
 from fmtransfer.methods.multi_kd import committee
 from fmtransfer.models.base import TaskModel, mlp
 from fmtransfer.plots import lines, stacked_bars
@@ -51,16 +58,26 @@ class DiverseDistillConfig(MethodConfig):
     l_gate: float = 0.1
     temperature: float = 4.0
     importance: Literal["learned", "equal"] = "learned"
-    """learned: G(z_s) predicts which teacher is right; equal: 1/K for every teacher and row."""
+    """learned: the gate G(z_s) weighs and filters teachers; equal: 1/K for every teacher and row."""
+    gate_target: Literal["benefit", "correctness"] = "benefit"
+    """What G learns (stop-gradient, labeled rows): each teacher's loss advantage over the student, or
+    which teacher is right (softmax(-loss / target_tau))."""
     tau: float = 1.0
     target_tau: float = 1.0
-    """Temperature of the gate's target softmax(-teacher loss / target_tau)."""
+    """Temperature of the correctness target softmax(-teacher loss / target_tau)."""
     entropy_floor: float = 0.1
     """alpha = (1 - floor) * softmax(G / tau) + floor / K: no teacher's weight reaches zero by itself."""
     filter: bool = True
+    skip_fraction: float | None = None
+    """Skip this share of each batch's (row, teacher) pairs, lowest gate score first; null = use rho/top_m."""
+    explore: float = 0.05
+    """Share of pairs kept at random whatever the gate says (training only), so the gate keeps learning."""
+    filter_by: Literal["gate", "random"] = "gate"
     rho: float | None = None
-    """Keep teachers whose alpha >= rho (default 1 / (2K)); ignored when top_m is set."""
+    """Keep teachers whose alpha >= rho (default 1 / (2K)); used when skip_fraction and top_m are null."""
     top_m: int | None = None
+    teacher_source: Literal["cache", "live"] = "cache"
+    """cache: read prepared outputs and representations; live: run each teacher on its kept rows only."""
     task_weight: float = 1.0
 
     def __post_init__(self) -> None:
@@ -68,6 +85,10 @@ class DiverseDistillConfig(MethodConfig):
             raise ConfigError(f"method.entropy_floor: must be in [0, 1], got {self.entropy_floor}")
         if self.top_m is not None and self.top_m < 1:
             raise ConfigError(f"method.top_m: must be >= 1, got {self.top_m}")
+        if self.skip_fraction is not None and not 0 <= self.skip_fraction < 1:
+            raise ConfigError(f"method.skip_fraction: must be in [0, 1), got {self.skip_fraction}")
+        if not 0 <= self.explore <= 1:
+            raise ConfigError(f"method.explore: must be in [0, 1], got {self.explore}")
 
 
 class DiverseDistill(Method):
@@ -86,7 +107,11 @@ class DiverseDistill(Method):
         self.answer = nn.ModuleList([mlp([2 * q, cfg.answer_hidden, d]) for _ in self.names])
         self.gate = nn.Linear(d, k)
         self.rho = cfg.rho if cfg.rho is not None else 1.0 / (2 * k)
+        # Live teachers are not submodules: DDP and the checkpoint hold trainable parts only.
+        self._live: dict[str, TaskModel] = (
+            {n: teachers[n].load_model(task) for n in self.names} if cfg.teacher_source == "live" else {})
         self.register_buffer("pairs", torch.zeros(2, dtype=torch.long))  # (kept, skipped), summed over training
+        self.register_buffer("live_rows", torch.zeros(k, dtype=torch.long))  # rows each live teacher ran on
         self.register_buffer("alpha_sum", torch.zeros(k))
         self.register_buffer("alpha_rows", torch.zeros((), dtype=torch.long))
 
@@ -94,49 +119,103 @@ class DiverseDistill(Method):
     def required_teachers(cls, cfg: DiverseDistillConfig, available: list[str]) -> list[str]:  # type: ignore[override]
         return committee(cfg.teachers, available, "diverse_distill")
 
+    def gate_scores(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, K) raw gate scores from the student representation (stop-gradient into the student)."""
+        return self.gate(z.detach())
+
     def importance(self, z: torch.Tensor) -> torch.Tensor:
         """(B, K) teacher weights from the student representation alone."""
         k = len(self.names)
         if self.c.importance == "equal":
             return torch.full((len(z), k), 1.0 / k, device=z.device)
-        alpha = torch.softmax(self.gate(z.detach()) / self.c.tau, -1)
+        alpha = torch.softmax(self.gate_scores(z) / self.c.tau, -1)
         return (1 - self.c.entropy_floor) * alpha + self.c.entropy_floor / k
 
-    def keep_mask(self, alpha: torch.Tensor) -> torch.Tensor:
-        if not self.c.filter:
+    def keep_mask(self, alpha: torch.Tensor, score: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, K) bool: which (row, teacher) pairs run. `score` ranks pairs for `skip_fraction` (default alpha)."""
+        c = self.c
+        if not c.filter:
             return torch.ones_like(alpha, dtype=torch.bool)
-        if self.c.top_m is not None:
-            top = alpha.topk(min(self.c.top_m, alpha.shape[1]), dim=-1).indices
+        score = alpha if score is None else score
+        rows = torch.arange(len(alpha), device=alpha.device)
+        if c.skip_fraction is not None:
+            rank = torch.rand_like(score) if c.filter_by == "random" else score.clone()
+            if self.training and c.explore > 0:
+                rank = torch.where(torch.rand_like(rank) < c.explore, torch.full_like(rank, float("inf")), rank)
+            rank[rows, rank.argmax(-1)] = float("inf")  # never drop every teacher of a row
+            n_skip = min(int(c.skip_fraction * rank.numel()), int((rank != float("inf")).sum()))
+            keep = torch.ones_like(alpha, dtype=torch.bool).flatten()
+            if n_skip > 0:
+                keep[rank.flatten().topk(n_skip, largest=False).indices] = False
+            return keep.view_as(alpha)
+        if c.top_m is not None:
+            top = alpha.topk(min(c.top_m, alpha.shape[1]), dim=-1).indices
             return torch.zeros_like(alpha, dtype=torch.bool).scatter_(1, top, True)
+        if c.filter_by == "random":
+            raise ConfigError("method.filter_by: random needs method.skip_fraction (how many pairs to skip)")
         keep = alpha >= self.rho
-        keep[torch.arange(len(alpha)), alpha.argmax(-1)] = True  # never drop every teacher
+        keep[rows, alpha.argmax(-1)] = True  # never drop every teacher
         return keep
+
+    def teacher_states(self, batch: dict[str, torch.Tensor], keep: torch.Tensor
+                       ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each teacher's outputs and representations for the batch (zeros where its pair is skipped)."""
+        outs, reps = [], []
+        for k, n in enumerate(self.names):
+            if n not in self._live:
+                outs.append(batch[f"teacher:{n}"])
+                reps.append(batch[f"teacher_rep:{n}"])
+                continue
+            model = self._live[n].to(keep.device)
+            out = torch.zeros_like(batch[f"teacher:{n}"])
+            rep = torch.zeros_like(batch[f"teacher_rep:{n}"])
+            idx = keep[:, k].nonzero().squeeze(-1)
+            if len(idx):
+                sub = {key: v[idx] for key, v in batch.items()
+                       if isinstance(v, torch.Tensor) and v.dim() > 0 and len(v) == len(keep)}
+                with torch.no_grad():
+                    h = model.body(sub)
+                    out[idx] = (model.head(h) + model.offset(sub)).to(out.dtype)
+                    rep[idx] = h.to(rep.dtype)
+                if self.training:
+                    self.live_rows[k] += len(idx)
+            outs.append(out)
+            reps.append(rep)
+        return outs, reps
 
     def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         c, labeled = self.c, batch["labeled"]
         z = self.student.body(batch)
         offset = self.student.offset(batch)
         pred = self.student.head(z) + offset
-        task = masked_task_loss(pred, batch["y"], labeled, self.task_type)
+        per_task = _per_row_task_loss(pred, batch["y"], self.task_type)
+        m = labeled.float()
+        task = (per_task * m).sum() / m.sum().clamp(min=1.0)
 
         alpha = self.importance(z)
-        keep = self.keep_mask(alpha.detach())
+        score = self.gate_scores(z) if c.importance == "learned" else alpha
+        keep = self.keep_mask(alpha.detach(), score.detach())
         w = alpha.detach() * keep
         w = w / w.sum(-1, keepdim=True)
+        t_outs, t_reps = self.teacher_states(batch, keep)
         q = self.w_q(z)
-        align, ans, kd = [], [], []
-        for k, n in enumerate(self.names):
-            a_k = self.answer[k](torch.cat([self.proj[k](batch[f"teacher_rep:{n}"]), q + self.teacher_embed[k]], -1))
+        align, ans, kd, t_loss = [], [], [], []
+        for k in range(len(self.names)):
+            a_k = self.answer[k](torch.cat([self.proj[k](t_reps[k]), q + self.teacher_embed[k]], -1))
             align.append(1 - F.cosine_similarity(z, a_k, dim=-1))
-            ans.append(masked_task_loss(self.student.head(a_k) + offset, batch["y"], labeled, self.task_type))
-            kd.append(per_row_kd(pred, batch[f"teacher:{n}"], self.task_type, c.temperature))
+            mk = (labeled & keep[:, k]).float()
+            per_ans = _per_row_task_loss(self.student.head(a_k) + offset, batch["y"], self.task_type)
+            ans.append((per_ans * mk).sum() / mk.sum().clamp(min=1.0))
+            kd.append(per_row_kd(pred, t_outs[k], self.task_type, c.temperature))
+            t_loss.append(_per_row_task_loss(t_outs[k], batch["y"], self.task_type))
         align_t = (w * torch.stack(align, -1)).sum(-1).mean()
         kd_t = (w * torch.stack(kd, -1)).sum(-1).mean()
         ans_t = torch.stack(ans).mean()
         loss = c.task_weight * task + c.l_align * align_t + c.l_ans * ans_t + c.l_kd * kd_t
         out = {"task": task.detach(), "align": align_t.detach(), "answer": ans_t.detach(), "kd": kd_t.detach()}
         if c.importance == "learned":
-            gate = self._gate_loss(z, batch, labeled)
+            seen = labeled.unsqueeze(-1) & keep  # the gate learns only from teachers that ran
+            gate = self._gate_loss(z, torch.stack(t_loss, -1).detach(), per_task.detach(), seen)
             loss = loss + c.l_gate * gate
             out["gate"] = gate.detach()
         if self.training:
@@ -145,32 +224,34 @@ class DiverseDistill(Method):
                 self.alpha_sum += alpha.detach().sum(0)
                 self.alpha_rows += len(alpha)
         out.update({f"alpha:{n}": alpha[:, k].mean().detach() for k, n in enumerate(self.names)})
+        out["kept"] = keep.float().mean().detach()
         return {"loss": loss, **out}
 
-    def _gate_loss(self, z: torch.Tensor, batch: dict[str, torch.Tensor], labeled: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of G(z_s) to softmax(-teacher loss / target_tau) on labeled rows (stop-gradient into z)."""
-        with torch.no_grad():
-            per = []
-            for n in self.names:
-                t = batch[f"teacher:{n}"]
-                if self.task_type == "regression":
-                    per.append((t - batch["y"].float()) ** 2)
-                else:
-                    per.append(F.cross_entropy(t, batch["y"].long(), reduction="none"))
-            target = torch.softmax(-torch.stack(per, -1) / self.c.target_tau, -1)
-        logp = F.log_softmax(self.gate(z.detach()) / self.c.tau, -1)
-        per_row = -(target * logp).sum(-1)
-        m = labeled.float()
-        return (per_row * m).sum() / m.sum().clamp(min=1.0)
+    def _gate_loss(self, z: torch.Tensor, teacher_loss: torch.Tensor, student_loss: torch.Tensor,
+                   seen: torch.Tensor) -> torch.Tensor:
+        """The gate's own objective on the (row, teacher) pairs in `seen` (labeled rows whose teacher ran)."""
+        g = self.gate_scores(z)
+        if self.c.gate_target == "benefit":
+            target = student_loss.unsqueeze(-1) - teacher_loss
+            per = (g - target) ** 2
+            mask = seen.float()
+            return (per * mask).sum() / mask.sum().clamp(min=1.0)
+        # correctness: cross-entropy to softmax(-loss / target_tau) over the teachers, on rows where all ran
+        full = seen.all(-1).float()
+        target = torch.softmax(-teacher_loss / self.c.target_tau, -1)
+        per_row = -(target * F.log_softmax(g / self.c.tau, -1)).sum(-1)
+        return (per_row * full).sum() / full.sum().clamp(min=1.0)
 
     def diagnostics(self) -> dict[str, Any]:
         """Teacher pairs kept/skipped by filtering and the mean importance of each teacher over training."""
         rows = max(int(self.alpha_rows), 1)
         kept, skipped = (int(v) for v in self.pairs)
-        return {"pairs_kept": kept, "pairs_skipped": skipped,
-                "skipped_fraction": skipped / max(kept + skipped, 1),
-                "mean_alpha": {n: float(self.alpha_sum[k]) / rows for k, n in enumerate(self.names)}}
-
+        out = {"pairs_kept": kept, "pairs_skipped": skipped,
+               "skipped_fraction": skipped / max(kept + skipped, 1),
+               "mean_alpha": {n: float(self.alpha_sum[k]) / rows for k, n in enumerate(self.names)}}
+        if self._live:
+            out["live_teacher_rows"] = {n: int(self.live_rows[k]) for k, n in enumerate(self.names)}
+        return out
 
     @torch.no_grad()
     def report(self, task: TaskData, history: list[dict[str, Any]], out_dir: Path,
@@ -207,6 +288,12 @@ class DiverseDistill(Method):
                             ylabel="mean importance (val rows)", title=f"DiverseDistill: importance by {seg}"):
                 plots.append(f"importance_by_{seg}.png")
         return {"importance_over_training": over, "importance_by_segment": by_segment, "plots": plots}
+
+
+def _per_row_task_loss(pred: torch.Tensor, y: torch.Tensor, task_type: str) -> torch.Tensor:
+    if task_type == "regression":
+        return (pred.float() - y.float()) ** 2
+    return F.cross_entropy(pred.float(), y.long(), reduction="none")
 
 
 METHODS.register("diverse_distill", DiverseDistillConfig, DiverseDistill)
