@@ -52,7 +52,8 @@ def _gate_loss(method, batch):  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("target", ["benefit", "correctness"])
 def test_gate_learns_the_right_teacher_and_filtering_skips_the_other(target: str) -> None:
-    method, task, outputs, reps = _method(f"l_gate: 1.0, tau: 1.0, entropy_floor: 0.05, gate_target: {target}")
+    method, task, outputs, reps = _method(f"l_gate: 1.0, tau: 1.0, entropy_floor: 0.05, gate_target: {target}, "
+                                           "skip_fraction: null")
     rows = task.splits["train"]
     batch = make_batch(task, rows, torch.ones(len(rows), dtype=torch.bool), outputs, reps)
     opt = torch.optim.Adam(method.gate.parameters(), lr=0.05)
