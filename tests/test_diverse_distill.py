@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fmtransfer.config import load_config
+from fmtransfer.errors import ConfigError
 from fmtransfer.registry import METHODS, MODELS
 from fmtransfer.run import build_task
 from fmtransfer.train.loop import make_batch
@@ -168,3 +169,29 @@ def test_run_reports_importance_and_draws_plots(tmp_path) -> None:  # type: igno
     for png in d["plots"]:
         assert (tmp_path / "run" / png).read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["method"] == "diverse_distill"
+
+
+def test_token_answer_cross_attends_over_a_teachers_patch_states() -> None:
+    cfg = load_config(TINY, ["method={name: diverse_distill, token_teachers: [good], query_dim: 8, heads: 2}"])
+    task = build_task(cfg)
+    teachers = _committee(task)
+    patches = torch.randn(task.num_rows, 4, 5).half()
+    teachers["good"].token_states = lambda task: patches
+    teachers["good"].recipe = "fake"
+    torch.manual_seed(0)
+    student = MODELS.get(cfg.student.name).impl(cfg.student, task)
+    method = METHODS.get("diverse_distill").impl(cfg.method, student, task, teachers)
+    rows = task.splits["train"][:16]
+    batch = make_batch(task, rows, torch.ones(16, dtype=torch.bool), {n: t.outputs for n, t in teachers.items()},
+                       {n: t.reps for n, t in teachers.items()})
+    method(batch)["loss"].backward()
+    attn = method.token_answer["good"].proj.weight
+    assert attn.grad is not None and float(attn.grad.abs().sum()) > 0
+    assert method.proj[0].weight.grad is None  # the pooled path of that teacher is not used
+    assert not any(k.startswith("_tokens") for k in method.state_dict())  # the cache is not saved
+
+    teachers["bad"].token_states = lambda task: None
+    teachers["bad"].recipe = "fake"
+    bad = load_config(TINY, ["method={name: diverse_distill, token_teachers: [bad], query_dim: 8, heads: 2}"])
+    with pytest.raises(ConfigError, match="offers no token or patch states"):
+        METHODS.get("diverse_distill").impl(bad.method, student, task, teachers)

@@ -4,7 +4,9 @@ Our reading of DiverseDistill (only the abstract was available; every choice is 
 - Each teacher k has a learned embedding e_k; the student asks with a teacher-conditioned query
   q_k = W_q z_s + e_k.
 - The answer module reads the teacher's representation h_k (stored with the prepared teacher, or computed
-  live) and the query: a_k = MLP_k([P_k h_k ; q_k]), in the student's representation space.
+  live) and the query: a_k = MLP_k([P_k h_k ; q_k]), in the student's representation space; for the
+  `token_teachers`, the query cross-attends over the teacher's cached token/patch states H_k instead:
+  a_k = MLP_k([attn(q_k, P_k H_k) ; q_k]).
 - Importance comes from the student side only, so a teacher can be skipped before it runs: a gate G(z_s)
   gives one score per teacher, alpha(x) = softmax(G(z_s) / tau) mixed with an entropy floor. G is NOT
   trained through the loss it weights (a prototype collapsed to one teacher that way); it learns with a
@@ -33,7 +35,7 @@ All of it is dropped at export: `predict` runs the student alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -59,6 +61,11 @@ class DiverseDistillConfig(MethodConfig):
     """Committee members (names under `teachers:`); null = all."""
     query_dim: int = 64
     answer_hidden: int = 128
+    token_teachers: list[str] = field(default_factory=list)
+    """Teachers whose answer module cross-attends with the query over their token/patch states (from the
+    cache, e.g. EfficientNet's tapped map as grid x grid patches) instead of reading the pooled state."""
+    heads: int = 4
+    """Attention heads of the token answer modules (query_dim must be divisible by it)."""
     l_align: float = 0.1
     l_ans: float = 0.0
     l_kd: float = 1.0
@@ -95,6 +102,8 @@ class DiverseDistillConfig(MethodConfig):
             raise ConfigError(f"method.top_m: must be >= 1, got {self.top_m}")
         if self.skip_fraction is not None and not 0 <= self.skip_fraction < 1:
             raise ConfigError(f"method.skip_fraction: must be in [0, 1), got {self.skip_fraction}")
+        if self.token_teachers and self.query_dim % self.heads:
+            raise ConfigError(f"method.heads: query_dim {self.query_dim} must be divisible by heads {self.heads}")
         if not 0 <= self.explore <= 1:
             raise ConfigError(f"method.explore: must be in [0, 1], got {self.explore}")
 
@@ -113,6 +122,20 @@ class DiverseDistill(Method):
         self.w_q = nn.Linear(d, q)
         self.proj = nn.ModuleList([nn.Linear(self.teacher_info[n]["rep_dim"], q) for n in self.names])
         self.answer = nn.ModuleList([mlp([2 * q, cfg.answer_hidden, d]) for _ in self.names])
+        self._tokens: dict[str, torch.Tensor] = {}  # (rows, tokens, dim) fp16, not saved: it is the cache
+        self.token_answer = nn.ModuleDict()
+        for n in cfg.token_teachers:
+            if n not in self.names:
+                raise ConfigError(f"method.token_teachers: {n!r} is not in the committee ({', '.join(self.names)})")
+            states = teachers[n].token_states(task) if hasattr(teachers[n], "token_states") else None
+            if states is None:
+                raise ConfigError(f"method.token_teachers: teacher {n!r} ({teachers[n].recipe}) offers no token or "
+                                  "patch states; remove it from token_teachers (its pooled state is used)")
+            if states.shape[0] != task.num_rows:
+                raise ConfigError(f"method.token_teachers: teacher {n!r} has token states for {states.shape[0]} "
+                                  f"rows, the task has {task.num_rows}; delete its cache entry to rebuild it")
+            self._tokens[n] = states
+            self.token_answer[n] = TokenAnswer(int(states.shape[-1]), q, cfg.heads, cfg.answer_hidden, d)
         self.gate = nn.Linear(d, k)
         self.rho = cfg.rho if cfg.rho is not None else 1.0 / (2 * k)
         # Live teachers are not submodules: DDP and the checkpoint hold trainable parts only.
@@ -208,8 +231,12 @@ class DiverseDistill(Method):
         t_outs, t_reps = self.teacher_states(batch, keep)
         q = self.w_q(z)
         align, ans, kd, t_loss = [], [], [], []
-        for k in range(len(self.names)):
-            a_k = self.answer[k](torch.cat([self.proj[k](t_reps[k]), q + self.teacher_embed[k]], -1))
+        for k, n in enumerate(self.names):
+            if n in self._tokens:
+                tokens = self._tokens[n][batch["row"].cpu()].to(z.device).float()
+                a_k = self.token_answer[n](tokens, q + self.teacher_embed[k])
+            else:
+                a_k = self.answer[k](torch.cat([self.proj[k](t_reps[k]), q + self.teacher_embed[k]], -1))
             align.append(1 - F.cosine_similarity(z, a_k, dim=-1))
             mk = (labeled & keep[:, k]).float()
             per_ans = _per_row_task_loss(self.student.head(a_k) + offset, batch["y"], self.task_type)
@@ -296,6 +323,22 @@ class DiverseDistill(Method):
                             ylabel="mean importance (val rows)", title=f"DiverseDistill: importance by {seg}"):
                 plots.append(f"importance_by_{seg}.png")
         return {"importance_over_training": over, "importance_by_segment": by_segment, "plots": plots}
+
+
+class TokenAnswer(nn.Module):
+    """Cross-attention answer: the teacher-conditioned query attends over the teacher's projected token or
+    patch states; the attended context and the query map to the student's representation space."""
+
+    def __init__(self, token_dim: int, query_dim: int, heads: int, hidden: int, out_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(token_dim, query_dim)
+        self.attn = nn.MultiheadAttention(query_dim, heads, batch_first=True)
+        self.out = mlp([2 * query_dim, hidden, out_dim])
+
+    def forward(self, tokens: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        kv = self.proj(tokens)
+        ctx, _ = self.attn(query.unsqueeze(1), kv, kv, need_weights=False)
+        return self.out(torch.cat([ctx.squeeze(1), query], -1))
 
 
 def _masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

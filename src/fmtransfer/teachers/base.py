@@ -68,6 +68,12 @@ class Recipe:
         return Student(MethodConfig(name="student"), model, task, {})
 
     @classmethod
+    def token_states(cls, cfg: Any, task: TaskData, cache_dir: Path, device: torch.device) -> torch.Tensor | None:
+        """(rows, tokens, dim) token or patch states of the frozen backbone for every row, from the cache, for
+        answer modules that cross-attend over them; None when the recipe has none to offer."""
+        return None
+
+    @classmethod
     def precompute(cls, cfg: Any, task: TaskData, cache_dir: Path, ctx: DistContext) -> int:
         """Fill the frozen-backbone feature cache, every rank writing its own shards (run on all ranks).
 
@@ -107,6 +113,13 @@ class PreparedTeacher:
         if self.cfg is None or self.cache_dir is None:
             raise ArtifactError(f"teacher {self.name!r} was built without its config; prepare it with prepare_teacher")
         return load_teacher_weights(self, self.cfg, task, self.cache_dir, device)
+
+    def token_states(self, task: TaskData, device: torch.device | None = None) -> torch.Tensor | None:
+        """The recipe's cached token/patch states for every row (None: this teacher has none)."""
+        if self.cfg is None or self.cache_dir is None:
+            return None
+        return RECIPES.get(self.cfg.recipe).impl.token_states(self.cfg, task, self.cache_dir,
+                                                              device or torch.device("cpu"))
 
     def summary(self) -> dict[str, Any]:
         return {"kind": self.kind, "recipe": self.recipe, "fingerprint": self.fingerprint,

@@ -333,6 +333,18 @@ class ImageProbe(Recipe):
 
 
     @classmethod
+    def token_states(cls, cfg: ImageFMConfig, task: TaskData, cache_dir: Path,
+                     device: torch.device) -> torch.Tensor | None:
+        """Patch states: the tapped block's cached map average-pooled to grid x grid (at least 2 x 2), one
+        token per cell, (rows, cells, channels) in fp16."""
+        net = load_backbone(cfg)
+        stop = len(net._blocks) if cfg.tap is None else cfg.tap + 1
+        maps, _ = cached_backbone_outputs(cfg, task, cache_dir, stop, False, device)
+        g = max(cfg.grid, 2)
+        return torch.cat([F.adaptive_avg_pool2d(maps[s:s + 4096].float(), g).flatten(2).transpose(1, 2).half()
+                          for s in range(0, len(maps), 4096)])
+
+    @classmethod
     def live_model(cls, cfg: ImageFMConfig, task: TaskData) -> Any:
         """The probe as it would serve a request: the backbone runs live on the request's pixels (serve-bench)."""
         from fmtransfer.serving.fm_path import LiveSpec
