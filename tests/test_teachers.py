@@ -105,3 +105,31 @@ def test_artifact_stores_the_teacher_representation(tmp_path: Path) -> None:
                                atol=2e-2, rtol=1e-2)  # fp16 storage
     (t.path / "reps.npy").unlink()
     assert not _prepare(cfg, task).from_cache  # a missing file makes the artifact unusable: rebuilt
+
+
+def test_teacher_learns_from_another_teachers_pseudo_labels(tmp_path: Path) -> None:
+    """`distill_from`: the source is prepared first; the student-like teacher fits its soft targets on the
+    transfer rows too (so it moves toward them), and its artifact is keyed by the source's fingerprint."""
+    from fmtransfer.errors import ConfigError
+    from fmtransfer.run import JsonlLog, prepare_teachers
+    from fmtransfer.train.distributed import DistContext
+
+    pl = ("teachers.pl={recipe: supervised, model: {name: mlp, hidden: [16]}, distill_from: wide, "
+          "distill_weight: 4.0, train: {epochs: 4, batch_size: 32, steps_per_epoch: 10, lr: 0.01}}")
+    plain = pl.replace("distill_from: wide, distill_weight: 4.0, ", "")
+    cfg = load_config(TINY, [f"cache_dir={tmp_path}", pl])
+    task = build_task(cfg)
+    got = prepare_teachers(cfg, task, ["pl"], DistContext(), JsonlLog(None))
+    assert list(got) == ["pl"] and not got["pl"].from_cache
+    wide = _prepare(cfg, task)
+    assert wide.from_cache  # prepared first, as pl's source
+    base_cfg = load_config(TINY, [f"cache_dir={tmp_path}", plain])
+    base = prepare_teachers(base_cfg, task, ["pl"], DistContext(), JsonlLog(None))["pl"]
+    assert base.fingerprint != got["pl"].fingerprint
+    transfer = task.splits["transfer"]
+    gap = lambda t: float((t.outputs[transfer].softmax(-1) - wide.outputs[transfer].softmax(-1)).abs().mean())  # noqa: E731
+    assert gap(got["pl"]) < gap(base)
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(TINY, [pl, "teachers.wide.distill_from=pl"])
+    with pytest.raises(ConfigError, match="not a teacher"):
+        load_config(TINY, [pl.replace("distill_from: wide", "distill_from: nobody")])

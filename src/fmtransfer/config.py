@@ -96,6 +96,11 @@ class TeacherConfig:
     train_splits: list[str] = field(default_factory=lambda: ["train"])
     """Splits whose labels the teacher trains on: e.g. ["train", "context"] on movielens-genre lets a
     teacher learn from the other genres' ratings that the student's task never sees."""
+    distill_from: str | None = None
+    """Another teacher of the run whose outputs this one also learns from, by KD on labeled + transfer
+    rows (e.g. a complementary model trained on the FM's pseudo-labels); null = labels only."""
+    distill_weight: float = 1.0
+    distill_temperature: float = 4.0
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -120,6 +125,19 @@ class RunConfig:
                 f"reference_teacher: {self.reference_teacher!r} is not a teacher "
                 f"(allowed: {', '.join(self.teachers) or 'none configured'})"
             )
+
+        for name, t in self.teachers.items():
+            if t.distill_from is not None and t.distill_from not in self.teachers:
+                raise ConfigError(f"teachers.{name}.distill_from: {t.distill_from!r} is not a teacher "
+                                  f"(allowed: {', '.join(n for n in self.teachers if n != name)})")
+        for name in self.teachers:
+            seen, cur = [name], self.teachers[name].distill_from
+            while cur is not None:
+                if cur in seen:
+                    raise ConfigError(f"teachers.{name}.distill_from: a cycle ({' -> '.join([*seen, cur])}); "
+                                      "a teacher cannot learn from itself")
+                seen.append(cur)
+                cur = self.teachers[cur].distill_from
 
     def reference_teacher_name(self) -> str | None:
         if self.reference_teacher:

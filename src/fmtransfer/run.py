@@ -80,13 +80,18 @@ def _evaluate(method: torch.nn.Module, task: TaskData, batch_size: int, device: 
 
 def prepare_teachers(cfg: RunConfig, task: TaskData, names: list[str], ctx: DistContext,
                      log: JsonlLog) -> dict[str, PreparedTeacher]:
-    out = {}
-    for name in names:
-        tcfg = cfg.teachers[name]
-        seed = tcfg.seed if tcfg.seed is not None else cfg.seed
-        out[name] = prepare_teacher(name, tcfg, task, cfg.cache_dir, seed=seed, ctx=ctx,
-                                    log=log.phase(f"teacher:{name}"))
-    return out
+    done: dict[str, PreparedTeacher] = {}
+
+    def prepare(name: str) -> PreparedTeacher:  # a teacher's distill_from source is prepared first
+        if name not in done:
+            tcfg = cfg.teachers[name]
+            source = prepare(tcfg.distill_from) if tcfg.distill_from is not None else None
+            seed = tcfg.seed if tcfg.seed is not None else cfg.seed
+            done[name] = prepare_teacher(name, tcfg, task, cfg.cache_dir, seed=seed, ctx=ctx,
+                                         log=log.phase(f"teacher:{name}"), source=source)
+        return done[name]
+
+    return {name: prepare(name) for name in names}
 
 
 def cache_teachers(cfg: RunConfig, names: list[str] | None = None) -> dict[str, PreparedTeacher]:

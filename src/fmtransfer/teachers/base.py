@@ -127,12 +127,16 @@ class PreparedTeacher:
                 "seconds": round(self.seconds, 3), "from_cache": self.from_cache}
 
 
-def teacher_fingerprint(name: str, cfg: TeacherConfig, task: TaskData, seed: int) -> str:
+def teacher_fingerprint(name: str, cfg: TeacherConfig, task: TaskData, seed: int,
+                        source: PreparedTeacher | None = None) -> str:
     recipe = RECIPES.get(cfg.recipe).impl
     d = to_dict(cfg)
-    if d.get("train_splits") == ["train"]:
-        del d["train_splits"]  # the default: keeps artifacts prepared before the option existed valid
-    return stable_hash([ARTIFACT_VERSION, name, d, task.fingerprint, seed, recipe.fingerprint_extra(cfg)])
+    for key, default in (("train_splits", ["train"]), ("distill_from", None), ("distill_weight", 1.0),
+                         ("distill_temperature", 4.0)):
+        if d.get(key) == default:
+            del d[key]  # defaults: keep artifacts prepared before these options existed valid
+    parts = [ARTIFACT_VERSION, name, d, task.fingerprint, seed, recipe.fingerprint_extra(cfg)]
+    return stable_hash([*parts, source.fingerprint] if source is not None else parts)
 
 
 def _artifact_dir(cache_dir: Path, name: str, fp: str) -> Path:
@@ -175,20 +179,25 @@ def _load_artifact(path: Path, fp: str, task: TaskData) -> dict[str, Any] | None
 
 
 def prepare_teacher(name: str, cfg: TeacherConfig, task: TaskData, cache_dir: str | Path, *,
-                    seed: int, ctx: DistContext | None = None, log: Any = None) -> PreparedTeacher:
+                    seed: int, ctx: DistContext | None = None, log: Any = None,
+                    source: PreparedTeacher | None = None) -> PreparedTeacher:
     """Return the prepared teacher `name`, building and storing it only if no valid artifact exists.
 
+    `source` is the prepared teacher named by `cfg.distill_from` (its outputs are this one's soft targets).
     Under torchrun, rank 0 prepares while the others wait, then every rank reads the same artifact.
     """
     ctx = ctx or DistContext()
     cache_dir = Path(cache_dir)
-    fp = teacher_fingerprint(name, cfg, task, seed)
+    if (cfg.distill_from is None) != (source is None):
+        raise ConfigError(f"teachers.{name}: distill_from is {cfg.distill_from!r} but the prepared source "
+                          f"teacher given is {getattr(source, 'name', None)!r}")
+    fp = teacher_fingerprint(name, cfg, task, seed, source)
     precomputed = RECIPES.get(cfg.recipe).impl.precompute(cfg, task, cache_dir, ctx) if ctx.enabled else 0
     path = _artifact_dir(cache_dir, name, fp)
     art = _load_artifact(path, fp, task) if ctx.is_main else None
     built_now = ctx.is_main and art is None
     if built_now:
-        _build_and_store(name, cfg, task, cache_dir, path, fp, seed, ctx.device, log)
+        _build_and_store(name, cfg, task, cache_dir, path, fp, seed, ctx.device, log, source)
     ctx.barrier()
     if art is None:  # built just now, or another rank's turn to read it
         art = _load_artifact(path, fp, task)
@@ -224,14 +233,22 @@ def _training_view(name: str, cfg: TeacherConfig, task: TaskData) -> TaskData:
 
 
 def _build_and_store(name: str, cfg: TeacherConfig, task: TaskData, cache_dir: Path, path: Path, fp: str,
-                     seed: int, device: torch.device, log: Any) -> None:
+                     seed: int, device: torch.device, log: Any, source: PreparedTeacher | None = None) -> None:
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     recipe = RECIPES.get(cfg.recipe).impl
     built = recipe.build(cfg, task, cache_dir, device)
     model = built.model
-    method = recipe.method(cfg, model, task)
-    result = fit(method, _training_view(name, cfg, task), cfg.train, seed=seed, ctx=DistContext(device=device),
+    if source is None:
+        method, outputs_in = recipe.method(cfg, model, task), None
+    else:  # labels + the source teacher's soft targets on every row of the batch (labeled + transfer)
+        from fmtransfer.methods.kd import KD, KDConfig
+
+        kd_cfg = KDConfig(teacher=source.name, kd_weight=cfg.distill_weight, temperature=cfg.distill_temperature)
+        method, outputs_in = KD(kd_cfg, model, task, {source.name: source}), {source.name: source.outputs}
+    view = _training_view(name, cfg, task)
+    result = fit(method, view, cfg.train, seed=seed, ctx=DistContext(device=device), teacher_outputs=outputs_in,
+                 uses_transfer=source is not None and len(view.splits.get("transfer", [])) > 0,
                  desc=f"teacher {name}", log=log)
     method.load_state_dict(result.best_state)
     method.eval()
@@ -245,7 +262,8 @@ def _build_and_store(name: str, cfg: TeacherConfig, task: TaskData, cache_dir: P
     trainable = count_params(model, trainable_only=True)
     meta = {
         "version": ARTIFACT_VERSION, "name": name, "fingerprint": fp, "kind": cfg.kind, "recipe": cfg.recipe,
-        "config": to_dict(cfg), "task": task.name, "task_fingerprint": task.fingerprint, "seed": seed,
+        "config": to_dict(cfg), "distilled_from": source.fingerprint if source is not None else None,
+        "task": task.name, "task_fingerprint": task.fingerprint, "seed": seed,
         "params": count_params(model) + built.frozen_params, "trainable_params": trainable,
         "metrics": _score_all(task, outputs), "best_epoch": result.best_epoch,
         "seconds": round(time.perf_counter() - t0, 3), "encoder_forwards": built.encoder_forwards,
