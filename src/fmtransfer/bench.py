@@ -133,18 +133,23 @@ def aggregate(runs: list[dict[str, Any]], order: list[str] | None = None) -> lis
     """
     rows: dict[str, dict[str, Any]] = {}
     student_by_seed: dict[tuple[str, int, int], float] = {}
+    best_teacher: dict[tuple[str, int, int], float] = {}  # the best teacher of the suite, per setting and seed
     labels = lambda m: (m.get("labels") or {}).get("train", -1)  # noqa: E731
     several = len({labels(m) for m in runs}) > 1  # a label sweep: teachers differ per setting
     for m in runs:
         if m["method"] == "student":
             student_by_seed[(m["task"], labels(m), m["seed"])] = m["test"][m["metric"]]
+        for t in m.get("teachers", {}).values():
+            key, v = (m["task"], labels(m), m["seed"]), t["test"][m["metric"]]
+            if key not in best_teacher or (v > best_teacher[key] if m["higher_is_better"] else v < best_teacher[key]):
+                best_teacher[key] = v
     for m in runs:
         metric = m["metric"]
         for tname, t in m.get("teachers", {}).items():
             key = f"teacher {tname} ({t['recipe']})" + (f", {labels(m):,} labels" if several else "")
             row = rows.setdefault(key, {"name": key, "task": m["task"], "metric": metric, "_seen": [],
-                                        "test": [], "ood": [], "auc": [], "gap": [], "params": t["params"],
-                                        "seconds": [], "seeds": []})
+                                        "test": [], "ood": [], "auc": [], "gap": [], "gap_best": [],
+                                        "skipped": [], "params": t["params"], "seconds": [], "seeds": []})
             if t["fingerprint"] in row["_seen"]:
                 if not t.get("from_cache"):  # the run that prepared it knows how long that took
                     row["seconds"][row["_seen"].index(t["fingerprint"])] = t.get("seconds")
@@ -157,13 +162,16 @@ def aggregate(runs: list[dict[str, Any]], order: list[str] | None = None) -> lis
             row["seconds"].append(t.get("seconds") if not t.get("from_cache") else None)
             row["seeds"].append(m["seed"])
         row = rows.setdefault(m["_run"], {"name": m["_run"], "task": m["task"], "metric": metric, "test": [],
-                                          "ood": [], "auc": [], "gap": [], "params": m["params"]["student"],
-                                          "seconds": [], "seeds": []})
+                                          "ood": [], "auc": [], "gap": [], "gap_best": [], "skipped": [],
+                                          "params": m["params"]["student"], "seconds": [], "seeds": []})
         row["test"].append(m["test"][metric])
         row["auc"].append(m["test"].get("auc"))
         row["ood"].append((m.get("ood_mean") or {}).get(metric))
         student = student_by_seed.get((m["task"], labels(m), m["seed"]), m["reference"]["student"])
         row["gap"].append(gap_recovered(m["test"][metric], student, m["reference"]["teacher"], m["higher_is_better"]))
+        best = best_teacher.get((m["task"], labels(m), m["seed"]))
+        row["gap_best"].append(gap_recovered(m["test"][metric], student, best, m["higher_is_better"]))
+        row["skipped"].append((m.get("method_diagnostics") or {}).get("skipped_fraction", 0.0))
         row["seconds"].append(m["seconds"]["train"])
         row["seeds"].append(m["seed"])
     for row in rows.values():
@@ -177,12 +185,16 @@ def aggregate(runs: list[dict[str, Any]], order: list[str] | None = None) -> lis
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     metric = rows[0]["metric"] if rows else "metric"
-    lines = [f"| run | task | seeds | test {metric} | OOD {metric} | test AUC | gap recovered | params | train s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| run | task | seeds | test {metric} | OOD {metric} | test AUC | gap recovered (FM) | "
+             "gap recovered (best teacher) | teacher pairs skipped | params | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         secs = [s for s in r["seconds"] if s is not None]
+        teacher = r["name"].startswith("teacher ")
+        skipped = "-" if teacher else f"{100 * sum(r['skipped']) / max(len(r['skipped']), 1):.0f}%"
         lines.append(f"| {r['name']} | {r['task']} | {len(r['test'])} | {_fmt(r['test'])} | {_fmt(r['ood'])} | "
-                     f"{_fmt(r['auc'])} | {_fmt(r['gap'], 2)} | {r['params']:,} | {_fmt(secs, 1)} |")
+                     f"{_fmt(r['auc'])} | {_fmt(r['gap'], 2)} | {_fmt(r['gap_best'], 2)} | {skipped} | "
+                     f"{r['params']:,} | {_fmt(secs, 1)} |")
     return "\n".join(lines)
 
 
