@@ -5,6 +5,11 @@ appear in training: a cold-start stress test); the rest is split at random into 
 The student reads IDs and tabular features; the foundation teacher reads text: one profile per user
 (demographics + titles the user rated highly in the *labeled* training rows) and one per movie
 (title + genres).
+
+`genre: Horror` keeps one genre's ratings as the task (split as above, within the genre); with
+`context: true` the other genres' ratings from before the genre's OOD window join the table as a labeled
+split `context` that only teachers train on (`train_splits: [train, context]`); the student's loop
+reads train/transfer/val/test/ood alone, so it never sees them.
 """
 
 from __future__ import annotations
@@ -40,6 +45,10 @@ class MovieLensConfig(TaskConfig):
     max_liked_titles: int = 20
     genre: str | None = None
     """Keep only ratings of movies of this genre (the scarce-data variant); null = all movies."""
+    context: bool = False
+    """With `genre`: also keep the other genres' ratings from before the genre's OOD window as a labeled
+    split `context` (never in train/val/test/ood) that a teacher can train on (`train_splits: [train,
+    context]`): the paper's setting of a teacher that learned from all other movies."""
     subsample: int | None = None
     """Keep a random subset of this many ratings (for quick tests); null = all 100,000."""
 
@@ -49,6 +58,8 @@ class MovieLensConfig(TaskConfig):
             raise DataError("task: ood_fraction must be in [0, 1) and val_fraction + test_fraction in (0, 1)")
         if self.genre is not None and self.genre not in GENRES:
             raise DataError(f"task.genre: unknown genre {self.genre!r} (allowed: {', '.join(GENRES)})")
+        if self.context and self.genre is None:
+            raise DataError("task.context: needs task.genre (the context split holds the other genres' ratings)")
 
 
 def _data_dir() -> str:
@@ -113,22 +124,36 @@ def _user_texts(users: Any, titles: list[str], u: np.ndarray, i: np.ndarray, r: 
 def build_movielens(cfg: MovieLensConfig) -> TaskData:
     """Build the MovieLens-100k task table (IDs, demographics, genres; texts for the foundation teacher)."""
     ratings, items, users = read_tables()
+    import pandas as pd  # read_tables turned a missing pandas into a DataError already
+
     items = items.sort_values("movie_id").reset_index(drop=True)
     users = users.sort_values("user_id").reset_index(drop=True)
     genre_mat = items[GENRES].to_numpy(np.float32)
+    others = ratings.iloc[:0]
     if cfg.genre is not None:
         keep = set((items.loc[items[cfg.genre] == 1, "movie_id"]).tolist())
-        ratings = ratings[ratings["movie_id"].isin(keep)]
+        in_genre = ratings["movie_id"].isin(keep)
+        others = ratings[~in_genre]
+        ratings = ratings[in_genre]
     if cfg.subsample is not None and cfg.subsample < len(ratings):
         ratings = ratings.sample(n=cfg.subsample, random_state=cfg.split_seed)
-    ratings = ratings.sort_values(["timestamp", "user_id", "movie_id"], kind="stable").reset_index(drop=True)
+    order = ["timestamp", "user_id", "movie_id"]
+    ratings = ratings.sort_values(order, kind="stable").reset_index(drop=True)
+    n_task = len(ratings)
+    train, val, test, ood = _split(n_task, cfg, cfg.split_seed)
+    context = np.arange(0)
+    if cfg.context:
+        # the other genres' ratings from before the genre's OOD window, appended after the task's rows
+        cutoff = ratings["timestamp"].iloc[ood[0]] if len(ood) else np.iinfo(np.int64).max
+        others = others[others["timestamp"] < cutoff].sort_values(order, kind="stable")
+        context = np.arange(n_task, n_task + len(others))
+        ratings = pd.concat([ratings, others], ignore_index=True)
     n = len(ratings)
     u = ratings["user_id"].to_numpy(np.int64) - 1
     i = ratings["movie_id"].to_numpy(np.int64) - 1
     r = ratings["rating"].to_numpy(np.float32)
     ts = ratings["timestamp"].to_numpy(np.int64)
 
-    train, val, test, ood = _split(n, cfg, cfg.split_seed)
     labeled, transfer = labeled_subset(train, cfg.labels, cfg.split_seed)
 
     occupations = sorted(users["occupation"].unique())
@@ -151,15 +176,19 @@ def build_movielens(cfg: MovieLensConfig) -> TaskData:
     for k, title in enumerate(titles):
         gs = [g for g, flag in zip(GENRES, genre_mat[k], strict=True) if flag and g != "unknown"]
         item_texts.append(f"{title}. Genres: {', '.join(gs) or 'unknown'}.")
-    user_texts = _user_texts(users, titles, u[labeled], i[labeled], r[labeled], ts[labeled], cfg)
+    profile = np.concatenate([labeled, context])  # context rows are labeled teacher data, never evaluated
+    user_texts = _user_texts(users, titles, u[profile], i[profile], r[profile], ts[profile], cfg)
+    splits = {"train": torch.from_numpy(labeled), "transfer": torch.from_numpy(transfer),
+              "val": torch.from_numpy(val), "test": torch.from_numpy(test), "ood/later": torch.from_numpy(ood)}
+    if cfg.context:
+        splits["context"] = torch.from_numpy(context)
 
     return TaskData(
         name="movielens" if cfg.genre is None else f"movielens-{cfg.genre.lower()}",
         task_type="regression",
         features=features,
         y=torch.from_numpy(r),
-        splits={"train": torch.from_numpy(labeled), "transfer": torch.from_numpy(transfer),
-                "val": torch.from_numpy(val), "test": torch.from_numpy(test), "ood/later": torch.from_numpy(ood)},
+        splits=splits,
         metric="rmse",
         higher_is_better=False,
         cardinalities={"user": len(users), "item": len(items), "gender": 2, "occupation": len(occupations),
@@ -167,5 +196,5 @@ def build_movielens(cfg: MovieLensConfig) -> TaskData:
         texts={"user": TextView("user", user_texts), "item": TextView("item", item_texts)},
         target_range=(1.0, 5.0),
         segments={"genre": (torch.from_numpy(genre_mat[i].argmax(1)), list(GENRES))},
-        meta={"positive_threshold": 4.0, "rows": n},
+        meta={"positive_threshold": 4.0, "rows": n, "task_rows": n_task, "context_rows": len(context)},
     )
