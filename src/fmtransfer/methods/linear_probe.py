@@ -1,0 +1,135 @@
+"""`linear_probe`: a linear head on the frozen foundation model's pooled features (read from the cache).
+
+Also home of what every frozen-FM method shares (`FMMethod`): building its model around the cached
+tapped features (`build_model`), the plain task loss, and the report hook that times the live inference
+path against the backbone's own forward. `mlp_probe`, `ensemble` and `levi` build on it.
+
+By default the probe reads the LAST layer's pooled feature (`layers: [1.0]`); `layers: [0.5, 0.75, 1.0]`
+concatenates the tapped layers instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from fmtransfer.data.base import TaskData
+from fmtransfer.errors import ConfigError
+from fmtransfer.methods.base import Method
+from fmtransfer.methods.losses import masked_task_loss
+from fmtransfer.models.base import TaskModel, mlp, output_dim, squeeze_regression
+from fmtransfer.models.fm_layers import (
+    FMFeatures,
+    FMLayersConfig,
+    TappedFeatures,
+    build_taps,
+    describe,
+    measure_latency,
+)
+from fmtransfer.registry import METHODS
+from fmtransfer.utils import count_params
+
+
+class FMModel(TaskModel):
+    """A model that reads the cached tapped features; `body_with` takes them already normalised so that
+    the live path (features computed from raw inputs) runs the very same layers."""
+
+    taps: TappedFeatures
+    fm_info: dict[str, Any]
+
+    def body_with(self, batch: dict[str, torch.Tensor], ps: list[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def body(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.body_with(batch, self.taps(batch))
+
+    def live(self, batch: dict[str, torch.Tensor], raw: list[torch.Tensor]) -> torch.Tensor:
+        """The prediction from features the backbone computed just now (`raw`, before normalisation)."""
+        return self.head(self.body_with(batch, self.taps.normalise(raw))) + self.offset(batch)
+
+
+class ProbeModel(FMModel):
+    """Normalised tapped features, concatenated -> optional MLP -> linear output."""
+
+    def __init__(self, cfg: ProbeConfig, task: TaskData, taps: TappedFeatures, fm: FMFeatures) -> None:
+        super().__init__()
+        self.taps, self.fm_info, self.task_type = taps, describe(fm), task.task_type
+        width = sum(taps.dims)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.trunk = nn.Sequential(mlp([width, *cfg.hidden], cfg.dropout), nn.GELU()) if cfg.hidden else nn.Identity()
+        self.rep_dim = cfg.hidden[-1] if cfg.hidden else width
+        self.out_dim = output_dim(task)
+        self.out = nn.Linear(self.rep_dim, self.out_dim)
+        mean = task.y[task.splits["train"]].float().mean() if task.task_type == "regression" else torch.tensor(0.0)
+        self.register_buffer("mean", mean.reshape(1))
+
+    def body_with(self, batch: dict[str, torch.Tensor], ps: list[torch.Tensor]) -> torch.Tensor:
+        return self.trunk(self.drop(torch.cat(ps, dim=-1)))
+
+    def head(self, z: torch.Tensor) -> torch.Tensor:
+        return squeeze_regression(self.out(z), self.task_type)
+
+    def offset(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | float:
+        return self.mean if self.task_type == "regression" else 0.0
+
+
+@dataclass
+class ProbeConfig(FMLayersConfig):
+    name: str = "linear_probe"
+    layers: list[float] = field(default_factory=lambda: [1.0])
+    """The last layer by default; [0.5, 0.75, 1.0] reads the tapped layers concatenated."""
+    hidden: list[int] = field(default_factory=list)
+    """Empty: a linear head (the probe); `mlp_probe` sets hidden layers."""
+    dropout: float = 0.0
+
+
+class FMMethod(Method):
+    """A method that trains its own model on the frozen FM's cached features; the loss is the task loss
+    on labeled rows (subclasses add terms). Never reads the transfer set or a teacher."""
+
+    model_cls: ClassVar[type[FMModel]]
+
+    def __init__(self, cfg: FMLayersConfig, student: TaskModel, task: TaskData, teachers: dict[str, Any]) -> None:
+        if not isinstance(student, self.model_cls):
+            raise ConfigError(f"method {cfg.name} trains its own model around the foundation model "
+                              f"({self.model_cls.__name__}, from {type(self).__name__}.build_model); "
+                              f"got a {type(student).__name__}")
+        super().__init__(cfg, student, task, teachers)
+        self.c = cfg
+
+    @classmethod
+    def build_model(cls, cfg: Any, run_cfg: Any, task: TaskData, device: torch.device) -> TaskModel | None:
+        taps, fm = build_taps(cfg, task, run_cfg.cache_dir, device)
+        return cls.make_model(cfg, task, taps, fm, run_cfg)
+
+    @classmethod
+    def make_model(cls, cfg: Any, task: TaskData, taps: TappedFeatures, fm: FMFeatures, run_cfg: Any) -> FMModel:
+        return cls.model_cls(cfg, task, taps, fm)  # type: ignore[call-arg]
+
+    def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        pred = self.student(batch)
+        task = masked_task_loss(pred, batch["y"], batch["labeled"], self.task_type)
+        return {"loss": task, "task": task.detach()}
+
+    def diagnostics(self) -> dict[str, Any]:
+        return {"fm": self.student.fm_info, "trainable_params": count_params(self.student, trainable_only=True)}
+
+    def report(self, task: TaskData, history: list[dict[str, Any]], out_dir: Path,
+               device: torch.device) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        epochs = max(len(history), 1)
+        out["train_seconds_per_epoch"] = round(history[-1]["seconds"] / epochs, 3) if history else None
+        if self.c.latency:
+            out["inference"] = measure_latency(self.c, task, self.student, device)
+        return out
+
+
+class LinearProbe(FMMethod):
+    model_cls = ProbeModel
+
+
+METHODS.register("linear_probe", ProbeConfig, LinearProbe)

