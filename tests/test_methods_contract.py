@@ -31,15 +31,18 @@ def setup(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-
 
 
 @pytest.mark.parametrize("name", METHODS.names())
-def test_method_contract(name: str, setup) -> None:  # type: ignore[no-untyped-def]
+def test_method_contract(name: str, setup, tiny_bert: str) -> None:  # type: ignore[no-untyped-def]
     cfg, task, teachers, cache = setup
-    takes_teacher = "teacher" in METHODS.get(name).config_cls.__dataclass_fields__
-    cfg = load_config(TINY, [f"cache_dir={cache}", f"method={{name: {name}}}", *SECOND_TEACHER] +
-                      (["method.teacher=wide"] if takes_teacher else []))
+    fields = METHODS.get(name).config_cls.__dataclass_fields__
+    extra = (["method.teacher=wide"] if "teacher" in fields else []) + \
+        ([f"method.encoder={tiny_bert}"] if "encoder" in fields else [])  # FM methods read the tiny BERT
+    cfg = load_config(TINY, [f"cache_dir={cache}", f"method={{name: {name}}}", *SECOND_TEACHER, *extra])
     entry = METHODS.get(name)
     needed = entry.impl.required_teachers(cfg.method, list(cfg.teachers))
     torch.manual_seed(0)
-    student = MODELS.get(cfg.student.name).impl(cfg.student, task)
+    # methods that train their own model around the FM (LEVI, probes, fine-tuning) build it themselves
+    student = entry.impl.build_model(cfg.method, cfg, task, torch.device("cpu")) or \
+        MODELS.get(cfg.student.name).impl(cfg.student, task)
     method = entry.impl(cfg.method, student, task, {n: teachers[n] for n in needed})
     outputs = {n: teachers[n].outputs for n in needed}
     reps = {n: teachers[n].reps for n in needed} if method.reads_reps else None
@@ -55,7 +58,8 @@ def test_method_contract(name: str, setup) -> None:  # type: ignore[no-untyped-d
     assert grads and all(g is not None for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
 
-    # the prediction is the student's alone, of the task's output shape
+    # the prediction is the student's alone, of the task's output shape (eval: no dropout noise)
+    method.eval()
     pred = method.predict(batch)
     assert pred.shape == (16, *task.output_shape())
     torch.testing.assert_close(pred, method.student(batch))

@@ -150,10 +150,11 @@ def _run(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool)
 
     torch.manual_seed(cfg.seed)  # the student's init must not depend on whether teachers came from the cache
     student = method_entry.impl.build_model(cfg.method, cfg, task, ctx.device)
+    own_model = student is not None  # LEVI, probes, fine-tuning: the FM is part of the shipped model
     if student is None:
         student = MODELS.get(cfg.student.name).impl(cfg.student, task)
     n_student = count_params(student)
-    for t in teachers.values():
+    for t in ([] if own_model else teachers.values()):
         if t.kind == "foundation" and n_student > t.params / 10:
             warnings.warn(f"student has {n_student:,} parameters, more than a tenth of foundation teacher "
                           f"{t.name!r} ({t.params:,})", stacklevel=1)
@@ -185,9 +186,9 @@ def _run(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool)
 
     metrics = _metrics(cfg, task, teachers, best, last, result, n_student, ctx,
                        {"cache": t_cache, "train": t_train, "eval": t_eval})
-    if diagnostics is not None:
-        metrics["method_diagnostics"] = diagnostics | (report or {})
-        metrics["teacher_forward"]["skipped"] = diagnostics.get("pairs_skipped", 0)
+    if diagnostics is not None or report:
+        metrics["method_diagnostics"] = (diagnostics or {}) | (report or {})
+        metrics["teacher_forward"]["skipped"] = (diagnostics or {}).get("pairs_skipped", 0)
     if ctx.is_main:
         student_state = {k[len("student."):]: v.contiguous() for k, v in result.best_state.items()
                          if k.startswith("student.")}
