@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-extras="text,data,vision,plots"
+extras="text,data,vision,plots,lora"
 if [ "${1:-}" = "--dev" ]; then extras="$extras,dev,export"; fi  # export: onnx + onnxruntime for the export tests
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 # torch==2.13.0 in the same command as everything that depends on torch (else pip may pull a CUDA build)

@@ -1,0 +1,46 @@
+"""`lp_ft`: linear probe, then full fine-tuning from it (Kumar et al.'s LP-FT; our settings).
+
+Stage 1 (in `build_model`, before the loop): the linear head alone trains on the frozen backbone's pooled
+features of the labeled rows (`probe_steps` full-batch AdamW steps at `probe_lr`, the head with the best
+validation score is kept); the backbone is never updated. Stage 2 (the run's loop): every weight fine-tunes
+from there with the task loss at `train.lr`, which the shipped configs set below `finetune`'s lr. The
+probe stage's seconds and validation score are reported in metrics.json["method_diagnostics"].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fmtransfer.data.base import TaskData
+from fmtransfer.methods.finetune import FMFinetuneMethod
+from fmtransfer.models.base import TaskModel
+from fmtransfer.models.fm_finetune import ProbeStageConfig, build_fm_model, fit_probe_head
+from fmtransfer.registry import METHODS
+
+
+@dataclass
+class LPFTConfig(ProbeStageConfig):
+    name: str = "lp_ft"
+
+
+def build_probed_model(cfg: ProbeStageConfig, run_cfg: Any, task: TaskData, device: torch.device) -> TaskModel:
+    """The backbone with its linear head trained on the frozen features (stage 1); `build_info` says how."""
+    model = build_fm_model(cfg, task, device)
+    info = fit_probe_head(model, task, cfg, device, seed=int(run_cfg.seed))
+    model.build_info = info  # type: ignore[attr-defined]  # read by FMFinetuneMethod into its diagnostics
+    return model
+
+
+class LPFT(FMFinetuneMethod):
+    """Fine-tuning from the probed head: the loop's objective is the plain task loss."""
+
+    @classmethod
+    def build_model(cls, cfg: LPFTConfig, run_cfg: Any, task: TaskData,  # type: ignore[override]
+                    device: torch.device) -> TaskModel | None:
+        return build_probed_model(cfg, run_cfg, task, device)
+
+
+METHODS.register("lp_ft", LPFTConfig, LPFT)

