@@ -198,7 +198,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_report(dirs: list[Path], out: Path | None, title: str = "", order: list[str] | None = None) -> str:
+def write_report(dirs: list[Path], out: Path | None, title: str = "", order: list[str] | None = None,
+                 scatter: bool = True) -> str:
+    """Tabulate the runs under `dirs`; with `out`, write results.json, results.md and (when the rows have OOD
+    values, `scatter` is on and matplotlib is installed) id_vs_ood.png."""
     runs = collect(dirs)
     rows = aggregate(runs, order)
     table = (f"### {title}\n\n" if title else "") + format_table(rows) + "\n"
@@ -206,4 +209,10 @@ def write_report(dirs: list[Path], out: Path | None, title: str = "", order: lis
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "results.json", {"rows": rows, "runs": runs})
         atomic_write_bytes(out / "results.md", table.encode())
+        if scatter and any(v is not None for r in rows for v in r["ood"]):
+            from fmtransfer.plots import id_ood_scatter
+
+            metric = rows[0]["metric"]
+            id_ood_scatter(out / "id_vs_ood.png", rows, metric, title or f"{rows[0]['task']}: ID vs OOD {metric}",
+                           higher_is_better=bool(runs[0]["higher_is_better"]))
     return table

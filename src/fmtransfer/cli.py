@@ -24,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="run directory")
     r.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
 
-    b = sub.add_parser("bench", help="run a suite of configs over seeds; write results.json and results.md")
+    b = sub.add_parser("bench", help="run a suite of configs over seeds; write results.json, results.md, id_vs_ood.png")
     b.add_argument("suite", help="suite YAML, e.g. configs/movielens/suite.yaml")
     b.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
     b.add_argument("--out", required=True)
@@ -38,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="tabulate finished runs (mean ± std over seeds)")
     rep.add_argument("dirs", nargs="+", help="run or bench directories")
-    rep.add_argument("--out", default=None, help="also write results.json and results.md here")
+    rep.add_argument("--out", default=None,
+                     help="also write results.json, results.md and the ID-vs-OOD scatter id_vs_ood.png here")
+    rep.add_argument("--no-scatter", action="store_true", help="do not write id_vs_ood.png")
 
     v = sub.add_parser("validate", help="load and validate configs without running anything")
     v.add_argument("configs", nargs="+")
@@ -100,7 +102,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from fmtransfer.bench import run_bench
 
         print(run_bench(args.suite, args.seeds, args.out, args.overrides))
-        print(f"wrote {Path(args.out) / 'results.md'} and results.json")
+        plot = " and id_vs_ood.png" if (Path(args.out) / "id_vs_ood.png").exists() else ""
+        print(f"wrote {Path(args.out) / 'results.md'}, results.json{plot}")
         return 0
     if args.cmd == "cache":
         from fmtransfer.run import cache_teachers
@@ -111,7 +114,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "report":
         from fmtransfer.bench import write_report
 
-        print(write_report([Path(d) for d in args.dirs], Path(args.out) if args.out else None))
+        print(write_report([Path(d) for d in args.dirs], Path(args.out) if args.out else None,
+                           scatter=not args.no_scatter))
         return 0
     if args.cmd == "validate":
         from fmtransfer.bench import suite_configs
