@@ -176,10 +176,15 @@ def _run(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool)
         save_file({k: v.contiguous() for k, v in result.last_state.items()}, f"{dump}/rank{ctx.rank}.safetensors")
 
     t_eval0 = time.perf_counter()
-    method.load_state_dict(result.last_state)
-    last = _evaluate(method, task, cfg.train.eval_batch_size, ctx.device)
+    same = result.best_state.keys() == result.last_state.keys() and all(
+        torch.equal(result.best_state[k], result.last_state[k]) for k in result.best_state)
+    if not same:  # the last epoch was not the best: score it too (costly when a live FM encodes every row)
+        method.load_state_dict(result.last_state)
+        last = _evaluate(method, task, cfg.train.eval_batch_size, ctx.device)
     method.load_state_dict(result.best_state)
     best = _evaluate(method, task, cfg.train.eval_batch_size, ctx.device)
+    if same:
+        last = best
     report = method.report(task, result.history, out, ctx.device) if hasattr(method, "report") and ctx.is_main \
         else None
     t_eval = time.perf_counter() - t_eval0
