@@ -41,14 +41,14 @@ def _method(options: str):  # type: ignore[no-untyped-def]
 
 def _gate_loss(method, batch):  # type: ignore[no-untyped-def]
     """The gate objective with every teacher run on every row (what the method uses on kept labeled pairs)."""
-    from fmtransfer.methods.diverse_distill import _per_row_task_loss
+    from fmtransfer.methods.losses import per_row_task_loss
 
     z = method.student.body(batch)
     pred = method.student.head(z) + method.student.offset(batch)
-    t_loss = torch.stack([_per_row_task_loss(batch[f"teacher:{n}"], batch["y"], "classification")
+    t_loss = torch.stack([per_row_task_loss(batch[f"teacher:{n}"], batch["y"], "classification")
                           for n in method.names], -1)
     seen = torch.ones_like(t_loss, dtype=torch.bool)
-    return method._gate_loss(z, t_loss, _per_row_task_loss(pred, batch["y"], "classification").detach(), seen)
+    return method._gate_loss(z, t_loss, per_row_task_loss(pred, batch["y"], "classification").detach(), seen)
 
 
 @pytest.mark.parametrize("target", ["benefit", "correctness"])

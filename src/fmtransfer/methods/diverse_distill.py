@@ -48,6 +48,7 @@ from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ConfigError
 from fmtransfer.methods.base import Method
 from fmtransfer.methods.ca_mkd import per_row_kd
+from fmtransfer.methods.losses import per_row_task_loss
 from fmtransfer.methods.multi_kd import committee
 from fmtransfer.models.base import TaskModel, mlp
 from fmtransfer.plots import lines, stacked_bars
@@ -219,7 +220,7 @@ class DiverseDistill(Method):
         z = self.student.body(batch)
         offset = self.student.offset(batch)
         pred = self.student.head(z) + offset
-        per_task = _per_row_task_loss(pred, batch["y"], self.task_type)
+        per_task = per_row_task_loss(pred, batch["y"], self.task_type)
         m = labeled.float()
         task = (per_task * m).sum() / m.sum().clamp(min=1.0)
 
@@ -239,10 +240,10 @@ class DiverseDistill(Method):
                 a_k = self.answer[k](torch.cat([self.proj[k](t_reps[k]), q + self.teacher_embed[k]], -1))
             align.append(1 - F.cosine_similarity(z, a_k, dim=-1))
             mk = (labeled & keep[:, k]).float()
-            per_ans = _per_row_task_loss(self.student.head(a_k) + offset, batch["y"], self.task_type)
+            per_ans = per_row_task_loss(self.student.head(a_k) + offset, batch["y"], self.task_type)
             ans.append((per_ans * mk).sum() / mk.sum().clamp(min=1.0))
             kd.append(per_row_kd(pred, t_outs[k], self.task_type, c.temperature))
-            t_loss.append(_per_row_task_loss(t_outs[k], batch["y"], self.task_type))
+            t_loss.append(per_row_task_loss(t_outs[k], batch["y"], self.task_type))
         align_t = (w * torch.stack(align, -1)).sum(-1).mean()
         kd_t = (w * torch.stack(kd, -1)).sum(-1).mean()
         ans_t = torch.stack(ans).mean()
@@ -344,12 +345,6 @@ class TokenAnswer(nn.Module):
 def _masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.float()
     return (((pred - target) ** 2) * m).sum() / m.sum().clamp(min=1.0)
-
-
-def _per_row_task_loss(pred: torch.Tensor, y: torch.Tensor, task_type: str) -> torch.Tensor:
-    if task_type == "regression":
-        return (pred.float() - y.float()) ** 2
-    return F.cross_entropy(pred.float(), y.long(), reduction="none")
 
 
 METHODS.register("diverse_distill", DiverseDistillConfig, DiverseDistill)

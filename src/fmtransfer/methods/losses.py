@@ -13,11 +13,14 @@ def masked_task_loss(pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, ta
     is an exact zero that still depends on `pred`, so DDP sees every parameter used.
     """
     mask_f = mask.to(pred.dtype if pred.is_floating_point() else torch.float32)
+    return (per_row_task_loss(pred, y, task_type) * mask_f).sum() / mask_f.sum().clamp(min=1.0)
+
+
+def per_row_task_loss(pred: torch.Tensor, y: torch.Tensor, task_type: str) -> torch.Tensor:
+    """The task loss of each row: squared error for regression, cross-entropy for classes."""
     if task_type == "regression":
-        per_row = (pred.float() - y.float()) ** 2
-    else:
-        per_row = F.cross_entropy(pred.float(), y.long(), reduction="none")
-    return (per_row * mask_f).sum() / mask_f.sum().clamp(min=1.0)
+        return (pred.float() - y.float()) ** 2
+    return F.cross_entropy(pred.float(), y.long(), reduction="none")
 
 
 def kd_logits(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
