@@ -78,6 +78,29 @@ def test_ensemble_weights_sum_to_one_and_features_stay_frozen(weighting: str, ti
     assert all(p.grad is not None for p in model.adapters.parameters())
 
 
+def test_ensemble_grad_weights_trains_members_only_through_their_own_terms(tiny_bert: str, tmp_path: Path) -> None:
+    from fmtransfer.methods.losses import masked_task_loss
+
+    cfg = _cfg(tmp_path, tiny_bert, "levi", "method.ensemble_grad=weights", "method.l_layer=0.5")
+    task = build_task(cfg)
+    method = _method(cfg, task)
+    model = method.student.eval()  # no dropout: the two passes below see the same members
+    batch = task.gather(task.splits["train"][:12])
+    batch["labeled"] = torch.ones(12, dtype=torch.bool)
+    method(batch)["loss"].backward()
+    got = [p.grad.clone() for p in model.adapters.parameters()]
+    assert model.beta.grad is not None and model.beta.grad.abs().sum() > 0  # the ensemble term trains the weights
+    model.zero_grad()
+    z, _, _ = model.member_outputs(model.body(batch))
+    own = torch.stack([masked_task_loss(z[:, m], batch["y"], batch["labeled"], "classification")
+                       for m in range(z.shape[1])]).mean()
+    (0.5 * own).backward()
+    for g, p in zip(got, model.adapters.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad)  # ... and nothing else reaches the adapters
+    with pytest.raises(ConfigError, match="l_layer"):
+        _cfg(tmp_path, tiny_bert, "levi", "method.ensemble_grad=weights", "method.l_layer=0")
+
+
 def test_levi_run_end_to_end(tiny_bert: str, tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, tiny_bert, "levi")
     m = run_experiment(cfg, tmp_path / "run", quiet=True)

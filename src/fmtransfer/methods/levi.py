@@ -10,7 +10,8 @@ docs/levi.md):
 - Ensemble z = sum_m w_m z_m, with w = softmax(beta) (learned, `weighting: learned`), fixed uniform
   weights, or an input-dependent gate w(x) = softmax(G([u; LN(p_deepest)])). With `small_head: member`
   the small model's own head g.head(u) is one more member.
-- Loss: task(z, y) + l_layer * mean_m task(z_m, y) (CE for classes, MSE for regression), labeled rows.
+- Loss: task(z, y) + l_layer * mean_m task(z_m, y) (CE for classes, MSE for regression), labeled rows;
+  `ensemble_grad: weights` lets the first term train only the weights (members learn from their own terms).
 - Trainable: g, the adapters (with their LayerNorms), beta or the gate. The backbone is never trained
   here (LoRA: see `method.lora`).
 At inference the backbone runs only up to the deepest tapped layer (`LiveTaps`), then g and the adapters.
@@ -60,6 +61,10 @@ class LEVIConfig(FMLayersConfig):
     """Mix the members' logits, or their class probabilities (the loss is then the mixture's NLL)."""
     l_layer: float = 1.0
     """Weight of the layer-wise term mean_m task(z_m, y)."""
+    ensemble_grad: Literal["all", "weights"] = "all"
+    """all: the ensemble loss trains the members jointly; weights: it sees the members' outputs detached and
+    trains only the weights (or gate), so each member learns from its own layer-wise term alone, as the
+    independently trained members of the cheap `ensemble` do (needs l_layer > 0)."""
     small: ModelConfig | None = None
     """The small model; null = the run's `student` section (the teacher recipe must set it)."""
 
@@ -73,6 +78,9 @@ class LEVIConfig(FMLayersConfig):
             raise ConfigError(f"method.view_dropout: must be in [0, 1), got {self.view_dropout}")
         if self.l_layer < 0:
             raise ConfigError(f"method.l_layer: must be >= 0, got {self.l_layer}")
+        if self.ensemble_grad == "weights" and self.l_layer <= 0:
+            raise ConfigError("method.ensemble_grad: 'weights' leaves the members untrained without the layer-wise "
+                              "term; set l_layer > 0")
 
 
 class LEVIModel(FMModel):
@@ -183,7 +191,8 @@ class LEVI(FMMethod):
         reg = self.task_type == "regression"
         outs = [z[:, m] for m in range(z.shape[1])] + ([aux] if aux is not None else [])
         outs = [(o.squeeze(-1) if reg else o) + off for o in outs]
-        terms = levi_loss(model.combine(z, w) + off, outs, y, lab, self.task_type, self.c.l_layer)
+        z_ens = z.detach() if self.c.ensemble_grad == "weights" else z
+        terms = levi_loss(model.combine(z_ens, w) + off, outs, y, lab, self.task_type, self.c.l_layer)
         names = model.member_names + (["small_aux"] if aux is not None else [])
         for name, v in zip(names, terms.pop("per_member"), strict=True):
             terms[f"member:{name}"] = v.detach()
