@@ -89,6 +89,7 @@ def test_method_runs_end_to_end(name: str, tiny_bert: str, tmp_path: Path) -> No
     assert d["train_s_per_epoch"] > 0 and len(d["train_s_epochs"]) == 2 and d["inference_ms_per_example"] > 0
     assert (tmp_path / "run" / "student.safetensors").exists()
     total = d["total_params"]
+    assert (m["params"]["student"], m["params"]["student_trainable"]) == (total, d["trainable_params"])
     if name == "lora":
         assert d["trainable_params"] == 2 * 3 * (16 * 8 + 8 * 16) + (16 * 2 + 2) < total  # rank 8 adapters + head
     else:  # every weight but BERT's unused pooler (16 x 16 + 16)

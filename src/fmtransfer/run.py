@@ -153,7 +153,7 @@ def _run(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool)
     own_model = student is not None  # LEVI, probes, fine-tuning: the FM is part of the shipped model
     if student is None:
         student = MODELS.get(cfg.student.name).impl(cfg.student, task)
-    n_student = count_params(student)
+    n_student, n_trainable = count_params(student), count_params(student, trainable_only=True)
     for t in ([] if own_model else teachers.values()):
         if t.kind == "foundation" and n_student > t.params / 10:
             warnings.warn(f"student has {n_student:,} parameters, more than a tenth of foundation teacher "
@@ -189,7 +189,7 @@ def _run(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool)
         else None
     t_eval = time.perf_counter() - t_eval0
 
-    metrics = _metrics(cfg, task, teachers, best, last, result, n_student, ctx,
+    metrics = _metrics(cfg, task, teachers, best, last, result, (n_student, n_trainable), ctx,
                        {"cache": t_cache, "train": t_train, "eval": t_eval})
     if diagnostics is not None or report:
         metrics["method_diagnostics"] = (diagnostics or {}) | (report or {})
@@ -210,7 +210,7 @@ def _run(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool)
 
 
 def _metrics(cfg: RunConfig, task: TaskData, teachers: dict[str, PreparedTeacher], best: dict[str, Any],
-             last: dict[str, Any], result: Any, n_student: int, ctx: DistContext,
+             last: dict[str, Any], result: Any, n_params: tuple[int, int], ctx: DistContext,
              seconds: dict[str, float]) -> dict[str, Any]:
     m = task.metric
     ref_name = cfg.reference_teacher_name()
@@ -238,7 +238,8 @@ def _metrics(cfg: RunConfig, task: TaskData, teachers: dict[str, PreparedTeacher
         "gap_recovered_best_teacher": gap_recovered(best["test"][m], ref_student, best_teacher,
                                                     task.higher_is_better),
         "teachers": {n: t.summary() for n, t in teachers.items()},
-        "params": {"student": n_student, "teachers": {n: t.params for n, t in teachers.items()}},
+        "params": {"student": n_params[0], "student_trainable": n_params[1],
+                   "teachers": {n: t.params for n, t in teachers.items()}},
         "teacher_forward": {"run": sum(t.forward_rows_run for t in teachers.values()),
                             "encoder_texts": sum(t.encoder_forwards for t in teachers.values()),
                             "skipped": 0, "cached": result.teacher_rows_read * ctx.world},
