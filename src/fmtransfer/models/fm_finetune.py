@@ -8,7 +8,8 @@ One model per modality, both a linear head on the pooled last layer (the same he
   block trainable), global average pool, linear head.
 
 Also here: the probe stage (train only the head on the frozen backbone's features; the backbone is
-never touched) that `lp_ft` and `wise_ft` start from, and LoRA injection through peft.
+never touched) that `lp_ft` and `wise_ft` start from, and LoRA injection through peft (`inject_lora`; its
+backbone-level part `lora_backbone` is shared with LEVI's `method.lora`).
 """
 
 from __future__ import annotations
@@ -318,29 +319,40 @@ def _plain_pointwise(backbone: nn.Module, names: list[str]) -> None:
 def inject_lora(model: TaskModel, rank: int, alpha: float, dropout: float, target_modules: list[str] | None) -> int:
     """Add LoRA adapters to the backbone in place (peft), freeze every other backbone weight (the head stays
     trainable); returns the number of adapted modules."""
-    peft = _peft()
     if isinstance(model, TextFinetuneModel):
-        backbone, targets = model.encoder, target_modules or TEXT_LORA_TARGETS
+        backbone, image = model.encoder, False
     elif isinstance(model, ImageFinetuneModel):
-        backbone, targets = model.backbone, target_modules or IMAGE_LORA_TARGETS
+        backbone, image = model.backbone, True
+        model.freeze_bn = True
+    else:
+        _peft()
+        raise ConfigError(f"method lora: cannot add LoRA to a {type(model).__name__}")
+    adapted = lora_backbone(backbone, image, rank, alpha, dropout, target_modules)
+    model.train(model.training)
+    return adapted
+
+
+def lora_backbone(backbone: nn.Module, image: bool, rank: int, alpha: float, dropout: float,
+                  target_modules: list[str] | None) -> int:
+    """LoRA adapters (peft) on a bare backbone in place: a Hugging Face text encoder (default targets: the
+    attention projections) or an EfficientNet (the 1x1 convs); every non-LoRA weight of it is frozen.
+    Returns the number of adapted modules. Shared by `lora` and LEVI's `method.lora`."""
+    peft = _peft()
+    targets = target_modules or (IMAGE_LORA_TARGETS if image else TEXT_LORA_TARGETS)
+    if image:
         for name, m in backbone.named_modules():
             if any(name == t or name.endswith("." + t) for t in targets) and isinstance(m, nn.Conv2d) \
                     and (m.kernel_size != (1, 1) or m.groups != 1):
                 raise ConfigError(f"method.target_modules: {name} is a {m.kernel_size} conv (groups {m.groups}); "
                                   "LoRA here adapts only 1x1 convolutions (pointwise expand/project, conv_head)")
-        model.freeze_bn = True
-    else:
-        raise ConfigError(f"method lora: cannot add LoRA to a {type(model).__name__}")
     names = [n for n, _ in backbone.named_modules() if any(n == t or n.endswith("." + t) for t in targets)]
     if not names:
         raise ConfigError(f"method.target_modules: none of {targets} names a module of the backbone")
-    if isinstance(model, ImageFinetuneModel):
+    if image:
         _plain_pointwise(backbone, names)
     cfg = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
                           target_modules=targets, bias="none")
     peft.inject_adapter_in_model(cfg, backbone)
     for n, p in backbone.named_parameters():
         p.requires_grad_("lora_" in n)
-    model.train(model.training)
     return len(names)
-

@@ -15,10 +15,16 @@ buffers) looked up by the batch's `row`: never trained, never saved in a checkpo
 `student.safetensors`, never broadcast by DDP.
 `LiveTaps` computes the same features from raw inputs (the inference path), running the backbone only
 up to the deepest tapped layer.
+
+`lora: true` (LEVI's LoRA option) reads no cache: the backbone, cut at the deepest tap and given LoRA
+adapters (peft, through `fm_finetune.lora_backbone`), computes the tapped features live on every training
+step and every evaluation (`LiveTaps(lora=True)` inside `TappedFeatures`); only the adapters' weights of the
+backbone train, and only they are saved (the frozen weights are rebuilt from the package).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -67,16 +73,26 @@ class FMLayersConfig(MethodConfig):
     image_normalize: Literal["lite", "imagenet"] = "lite"
     feature_batch_size: int = 128
     lora: bool = False
-    """LoRA on the backbone (peft). Not built yet: the backbone stays frozen and is read from the cache."""
+    """LoRA adapters (peft) on the backbone: the tapped features are computed live from raw inputs (text view
+    tokenized / image feature) at every step and evaluation, never read from the cache; only the adapters
+    train (with the method's own layers); BatchNorm keeps its ImageNet statistics, backbone dropout stays off."""
+    rank: int = 8
+    """LoRA rank (with `lora: true`; the same keys and defaults as the `lora` method)."""
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.1
+    target_modules: list[str] | None = None
+    """Modules to adapt (names or dotted suffixes); null = text: query, key, value; image: the 1x1 convs."""
     latency: bool = True
     """After training, time the live inference path against the backbone's own forward (report hook)."""
     latency_rows: int = 256
     latency_batch_size: int = 32
 
     def __post_init__(self) -> None:
-        if self.lora:
-            raise ConfigError(f"method.lora: LoRA on the backbone is not available in {self.name} yet (use the "
-                              "`lora` method for a LoRA-tuned backbone); set method.lora=false")
+        if self.lora and self.rank < 1:
+            raise ConfigError(f"method.rank: must be >= 1, got {self.rank}")
+        if self.lora and self.standardize == "zscore":
+            raise ConfigError("method.standardize: zscore statistics come from the cached frozen features, which "
+                              "lora: true never reads; use layernorm or none")
         if not self.layers and not self.layer_ids:
             raise ConfigError("method.layers: tap at least one layer")
         if any(not 0 < f <= 1 for f in self.layers):
@@ -120,6 +136,8 @@ class FMFeatures:
     """Backbone parameters that run at inference (up to the deepest tap)."""
     backbone_params: int
     encoder_forwards: int
+    lora: dict[str, Any] | None = None
+    """With `lora: true`: the adapters (rank, alpha, modules, parameters); `feats` are then empty (0, D)."""
 
 
 # ------------------------------------------------------------------------------------------------ text
@@ -264,18 +282,21 @@ class TappedFeatures(nn.Module):
     The (N, D_l) fp16 tables are plain attributes, not parameters or buffers: never trained, never saved,
     not broadcast by DDP at each step, and kept in CPU memory (a batch's rows are gathered, then moved)."""
 
-    def __init__(self, fm: FMFeatures, how: str, fit_rows: torch.Tensor) -> None:
+    def __init__(self, fm: FMFeatures, how: str, fit_rows: torch.Tensor, live: LiveTaps | None = None) -> None:
         super().__init__()
         self.names, self.dims = list(fm.names), [int(f.shape[1]) for f in fm.feats]
         self.how = how
-        self.tables = [f.detach().cpu() for f in fm.feats]
+        self.tables = [] if live is not None else [f.detach().cpu() for f in fm.feats]
         self.norms = nn.ModuleList([nn.LayerNorm(d) if how == "layernorm" else nn.Identity() for d in self.dims])
         for k, f in enumerate(fm.feats):  # z-score statistics from training-split rows (labels never read)
-            sub = f[fit_rows].float()
-            self.register_buffer(f"mu{k}", sub.mean(0) if how == "zscore" else torch.zeros(self.dims[k]))
-            self.register_buffer(f"sd{k}", sub.std(0).clamp(min=1e-4) if how == "zscore" else torch.ones(self.dims[k]))
+            sub = f[fit_rows].float() if how == "zscore" else None
+            self.register_buffer(f"mu{k}", sub.mean(0) if sub is not None else torch.zeros(self.dims[k]))
+            self.register_buffer(f"sd{k}", sub.std(0).clamp(min=1e-4) if sub is not None else torch.ones(self.dims[k]))
+        self.live = live  # lora: the adapted backbone computing the raw features (a submodule: trained, saved)
 
     def raw(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        if self.live is not None:
+            return self.live(batch)
         rows = batch["row"]
         idx = rows.cpu()
         return [t[idx].to(rows.device, non_blocking=True).float() for t in self.tables]
@@ -299,8 +320,45 @@ def fit_rows(task: TaskData) -> torch.Tensor:
 
 def build_taps(cfg: FMLayersConfig, task: TaskData, cache_dir: str | Path,
                device: torch.device) -> tuple[TappedFeatures, FMFeatures]:
+    if cfg.lora:
+        return lora_taps(cfg, task, device)
     fm = fm_features(cfg, task, cache_dir, device)
     return TappedFeatures(fm, cfg.standardize, fit_rows(task)), fm
+
+
+def lora_taps(cfg: FMLayersConfig, task: TaskData, device: torch.device) -> tuple[TappedFeatures, FMFeatures]:
+    """`lora: true`: taps computed live by the LoRA-adapted backbone (no cache is read or written)."""
+    from fmtransfer.train.loop import to_device
+
+    modality = resolve_modality(cfg, task)
+    if modality == "text":
+        from fmtransfer.models.hf_text import encoder_param_count
+
+        _text_view(cfg, task)
+        paths = _text_layer_paths(cfg.encoder)
+        n = len(paths)
+        depths = tap_depths(cfg, n)
+        names = [paths[d - 1] for d in depths]
+        total = encoder_param_count(cfg.encoder)
+        used = _text_used_params(cfg.encoder, max(depths), n, total)
+    else:
+        from fmtransfer.teachers.image_fm import _used_params, load_backbone
+
+        icfg = _image_cfg(cfg)
+        image_view(task, icfg.feature, "method.view")
+        net = load_backbone(icfg)
+        n = len(net._blocks)
+        depths = tap_depths(cfg, n)
+        names = [f"block{d}" if d < n else "head" for d in depths]
+        total, used = sum(p.numel() for p in net.parameters()), _used_params(net, max(depths))
+    live = LiveTaps(cfg, task, {"modality": modality, "backbone_layers": n, "depths": depths}, lora=True).to(device)
+    live.eval()
+    with torch.no_grad():  # feature widths, from two rows
+        dims = [int(f.shape[1]) for f in live(to_device(task.gather(task.splits["train"][:2]), device))]
+    info = {"rank": cfg.rank, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "modules": live.lora_modules,
+            "params": sum(p.numel() for p in live.parameters() if p.requires_grad)}
+    fm = FMFeatures([torch.empty(0, d) for d in dims], names, modality, depths, n, used, total, 0, lora=info)
+    return TappedFeatures(fm, cfg.standardize, fit_rows(task), live=live), fm
 
 
 # ------------------------------------------------------------------------------------ live inference
@@ -310,11 +368,18 @@ class LiveTaps(nn.Module):
     """Raw inputs -> pooled features at the tapped layers, the backbone run only to the deepest tap.
 
     `full=True` runs the whole backbone and returns its final pooled output (the backbone's own forward,
-    the reference for the inference-cost target)."""
+    the reference for the inference-cost target). `lora=True` adds LoRA adapters (peft) to the backbone:
+    gradients then flow (to the adapters only), the backbone itself stays in eval mode (BatchNorm's ImageNet
+    statistics, no backbone dropout: the features it computed when cached) while LoRA's own dropout follows
+    train/eval, and the module's state dict holds only the adapters (the frozen weights come from the package
+    when the model is built again). Batches larger than `feature_batch_size` (evaluation) run in chunks,
+    texts sorted by length so that little padding is computed."""
 
-    def __init__(self, cfg: FMLayersConfig, task: TaskData, info: dict[str, Any], full: bool = False) -> None:
+    def __init__(self, cfg: FMLayersConfig, task: TaskData, info: dict[str, Any], full: bool = False,
+                 lora: bool = False) -> None:
         super().__init__()
-        self.modality, self.full, self.cfg = info["modality"], full, cfg
+        self.modality, self.full, self.cfg, self.lora = info["modality"], full, cfg, lora
+        self.chunk = max(1, cfg.feature_batch_size)
         n, depths = int(info["backbone_layers"]), list(info["depths"])
         deepest = n if full else max(depths)
         if self.modality == "text":
@@ -328,6 +393,8 @@ class LiveTaps(nn.Module):
             setattr(owner, attr, nn.ModuleList(list(stack)[:deepest]))
             if hasattr(self.net, "pooler"):
                 self.net.pooler = None
+            if lora:
+                self._add_lora(self.net, image=False)
             self.paths = [paths[n - 1]] if full else [paths[d - 1] for d in depths]
             self.view = _text_view(cfg, task)
             self.texts = task.texts[self.view].texts
@@ -337,24 +404,67 @@ class LiveTaps(nn.Module):
 
             icfg = _image_cfg(cfg)
             net = load_backbone(icfg)
+            if lora:  # on the whole net (its module names are the targets'), before it is cut at the deepest tap
+                self._add_lora(net, image=True)
             self.net = _UsedBackbone(net, deepest).eval()
             self.pre = Preprocess(icfg.resolution, icfg.normalize)
             self.feature = icfg.feature
             self.depths = [n] if full else depths
             self.n = n
-        self.net.eval().requires_grad_(False)
+        self.net.eval()
+        if not lora:
+            self.net.requires_grad_(False)
+        self.lora_modules = sum(1 for m in self.net.modules() if hasattr(m, "lora_A"))
+        self._frozen = [k for k in self.net.state_dict() if "lora_" not in k] if lora else []
+        if lora:
+            self.register_state_dict_post_hook(_drop_frozen)
+            self.register_load_state_dict_pre_hook(_fill_frozen)
 
-    @torch.no_grad()
+    def _add_lora(self, net: nn.Module, image: bool) -> None:
+        from fmtransfer.models.fm_finetune import lora_backbone
+
+        c = self.cfg
+        lora_backbone(net, image, c.rank, c.lora_alpha, c.lora_dropout, c.target_modules)
+
+    def train(self, mode: bool = True) -> LiveTaps:
+        super().train(mode)
+        self.net.eval()
+        if self.lora and mode:
+            for name, m in self.net.named_modules():
+                if name.endswith("lora_dropout"):
+                    m.train(True)
+        return self
+
     def forward(self, batch: dict[str, Any]) -> list[torch.Tensor]:
-        if self.modality == "text":
-            idx = batch[self.index].tolist() if self.index != "row" else batch["row"].tolist()
-            enc = self.tok([self.texts[i] for i in idx], padding=True, truncation=True,
-                           max_length=self.cfg.max_length, return_tensors="pt")
-            with LayerCapture(self.net, self.paths) as cap:
-                self.net(**enc)
-            out = list(cap.pooled("mean", enc["attention_mask"]).values())
-            return [nn.functional.normalize(o, dim=-1) if self.cfg.normalize else o for o in out]
-        x = self.pre(batch[self.feature].float())
+        with torch.set_grad_enabled(self.lora and torch.is_grad_enabled()):
+            if self.modality == "text":
+                idx = batch[self.index].tolist() if self.index != "row" else batch["row"].tolist()
+                if len(idx) <= self.chunk:
+                    return self._text(idx)
+                order = sorted(range(len(idx)), key=lambda i: len(self.texts[idx[i]]))
+                parts = [self._text([idx[i] for i in order[s:s + self.chunk]])
+                         for s in range(0, len(idx), self.chunk)]
+                inverse = torch.empty(len(order), dtype=torch.long)
+                inverse[torch.tensor(order)] = torch.arange(len(order))
+                return [torch.cat(f)[inverse.to(f[0].device)] for f in zip(*parts, strict=True)]
+            x = batch[self.feature]
+            if len(x) <= self.chunk:
+                return self._image(x)
+            parts = [self._image(x[s:s + self.chunk]) for s in range(0, len(x), self.chunk)]
+            return [torch.cat(f) for f in zip(*parts, strict=True)]
+
+    def _text(self, idx: list[int]) -> list[torch.Tensor]:
+        enc = self.tok([self.texts[i] for i in idx], padding=True, truncation=True,
+                       max_length=self.cfg.max_length, return_tensors="pt")
+        device = next(self.net.parameters()).device
+        enc = {k: v.to(device) for k, v in enc.items()}
+        with LayerCapture(self.net, self.paths) as cap:
+            self.net(**enc)
+        out = list(cap.pooled("mean", enc["attention_mask"]).values())
+        return [nn.functional.normalize(o, dim=-1) if self.cfg.normalize else o for o in out]
+
+    def _image(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.pre(x.float())
         net, feats = self.net, []
         x = net.swish(net.bn0(net.stem(x)))
         for k, block in enumerate(net.blocks):
@@ -364,6 +474,19 @@ class LiveTaps(nn.Module):
         if net.head is not None:
             feats.append(pool(net.swish(net.head(x)), "gap"))
         return feats
+
+
+def _drop_frozen(module: LiveTaps, state: dict[str, Any], prefix: str, _meta: Any) -> None:
+    """State-dict hook: the frozen backbone weights are not saved (they equal the package's); the adapters are."""
+    for k in module._frozen:
+        state.pop(f"{prefix}net.{k}", None)
+
+
+def _fill_frozen(module: LiveTaps, state: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Load hook: a state dict without the frozen backbone weights keeps the module's own (the package's)."""
+    own = module.net.state_dict(keep_vars=True)
+    for k in module._frozen:
+        state.setdefault(f"{prefix}net.{k}", own[k].detach())
 
 
 def _text_paths_of(model: nn.Module) -> list[str]:
@@ -378,48 +501,74 @@ def measure_latency(cfg: FMLayersConfig, task: TaskData, model: nn.Module, devic
     """Milliseconds per example of the model's live path (backbone to the deepest tap + the model's own
     layers) and of the backbone's own full forward, on the first `latency_rows` test rows in batches of
     `latency_batch_size`; tokenisation / preprocessing is inside both. Each is the best of `repeats`
-    interleaved passes after a warm-up. Also checks the live prediction against the cached one."""
+    interleaved passes after a warm-up. Also checks the live prediction against the cached one. With
+    `lora: true` the live path is the model's own adapted backbone (adapters not merged, as evaluation ran
+    it) and there is no cached path (`live_vs_cached_max_abs_diff` is null); a copy with the adapters merged
+    into the weights (what a deployment would run) is timed too and checked against the live path."""
     import time
 
     info = model.fm_info  # type: ignore[attr-defined]
     rows = task.splits["test"][:cfg.latency_rows]
     bs = cfg.latency_batch_size
     batches = [task.gather(rows[s:s + bs]) for s in range(0, len(rows), bs)]
-    live, full = LiveTaps(cfg, task, info).to(device), LiveTaps(cfg, task, info, full=True).to(device)
+    adapted: LiveTaps | None = model.taps.live  # type: ignore[attr-defined]
+    live = adapted if adapted is not None else LiveTaps(cfg, task, info).to(device)
+    full = LiveTaps(cfg, task, info, full=True).to(device)
     was_training = model.training
     model.eval()
-
-    def run_model() -> list[torch.Tensor]:
-        return [model.live(b, live(b)) for b in batches]  # type: ignore[attr-defined]
-
-    def run_backbone() -> None:
-        for b in batches:
-            full(b)
-
-    run_model(), run_backbone()  # warm-up (kernel selection, allocator)
-    t_model, t_backbone = [], []
+    paths = {"model": lambda: [model.live(b, live(b)) for b in batches],  # type: ignore[operator]
+             "backbone": lambda: [full(b) for b in batches]}
+    if adapted is not None:
+        merged = merged_copy(adapted)
+        paths["merged"] = lambda: [model.live(b, merged(b)) for b in batches]  # type: ignore[operator]
+    for run in paths.values():  # warm-up (kernel selection, allocator)
+        run()
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    outs: dict[str, list[torch.Tensor]] = {}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        preds = run_model()
-        t_model.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        run_backbone()
-        t_backbone.append(time.perf_counter() - t0)
-    cached = model(task.gather(rows))
-    live_pred = torch.cat(preds)
-    if cached.dim() == 2:  # compare probabilities for classes
-        cached, live_pred = cached.softmax(-1), live_pred.softmax(-1)
+        for k, run in paths.items():
+            t0 = time.perf_counter()
+            outs[k] = run()
+            times[k].append(time.perf_counter() - t0)
+    diff = None
+    live_pred = torch.cat(outs["model"])
+    if adapted is None:
+        cached = model(task.gather(rows))
+        if cached.dim() == 2:  # compare probabilities for classes
+            cached, live_pred = cached.softmax(-1), live_pred.softmax(-1)
+        diff = float((live_pred - cached).abs().max())
     model.train(was_training)
-    ms_model = 1000 * min(t_model) / len(rows)
-    ms_backbone = 1000 * min(t_backbone) / len(rows)
-    return {"rows": len(rows), "batch_size": bs, "threads": torch.get_num_threads(),
-            "model_ms_per_example": round(ms_model, 4), "backbone_ms_per_example": round(ms_backbone, 4),
-            "ratio_to_backbone": round(ms_model / ms_backbone, 4),
-            "live_vs_cached_max_abs_diff": float((live_pred - cached).abs().max())}
+    ms = {k: 1000 * min(t) / len(rows) for k, t in times.items()}
+    out = {"rows": len(rows), "batch_size": bs, "threads": torch.get_num_threads(),
+           "model_ms_per_example": round(ms["model"], 4), "backbone_ms_per_example": round(ms["backbone"], 4),
+           "ratio_to_backbone": round(ms["model"] / ms["backbone"], 4),
+           "live_vs_cached_max_abs_diff": diff}
+    if adapted is not None:
+        merged_pred = torch.cat(outs["merged"])
+        if merged_pred.dim() == 2:
+            merged_pred, live_pred = merged_pred.softmax(-1), live_pred.softmax(-1)
+        out |= {"merged_ms_per_example": round(ms["merged"], 4),
+                "merged_ratio_to_backbone": round(ms["merged"] / ms["backbone"], 4),
+                "merged_vs_live_max_abs_diff": float((merged_pred - live_pred).abs().max())}
+    return out
+
+
+def merged_copy(live: LiveTaps) -> LiveTaps:
+    """A copy of the adapted backbone with every LoRA update folded into its base weight (peft's `merge`):
+    the adapters then cost nothing at inference. The trained module is left untouched (merging in place and
+    unmerging would not give the frozen weights back bit for bit)."""
+    twin = copy.deepcopy(live)
+    for m in twin.net.modules():
+        if hasattr(m, "lora_A") and hasattr(m, "merge"):
+            m.merge()
+    return twin.eval()
 
 
 def describe(fm: FMFeatures) -> dict[str, Any]:
-    return {"modality": fm.modality, "taps": fm.names, "depths": fm.depths, "backbone_layers": fm.num_layers,
-            "backbone_params": fm.backbone_params, "backbone_params_used": fm.frozen_params,
-            "feature_dims": [int(f.shape[1]) for f in fm.feats], "encoder_forwards": fm.encoder_forwards}
+    out = {"modality": fm.modality, "taps": fm.names, "depths": fm.depths, "backbone_layers": fm.num_layers,
+           "backbone_params": fm.backbone_params, "backbone_params_used": fm.frozen_params,
+           "feature_dims": [int(f.shape[1]) for f in fm.feats], "encoder_forwards": fm.encoder_forwards}
+    if fm.lora is not None:
+        out["lora"] = fm.lora
+    return out
 
