@@ -37,17 +37,23 @@ def test_methods_registered() -> None:
     assert {"finetune", "lp_ft", "wise_ft", "lora"} <= set(METHODS.names())
 
 
-def test_lp_ft_probe_stage_leaves_backbone_unchanged(tiny_bert: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("solver", ["lbfgs", "adamw"])
+def test_lp_ft_probe_stage_leaves_backbone_unchanged(solver: str, tiny_bert: str, tmp_path: Path) -> None:
     from fmtransfer.models.hf_text import load_encoder
 
-    _, _, model = _build("lp_ft", tiny_bert, tmp_path)
+    _, _, model = _build("lp_ft", tiny_bert, tmp_path, probe_solver=solver)
     _, fresh = load_encoder(tiny_bert)
     trained = model.encoder.state_dict()
     for k, v in fresh.state_dict().items():
         assert torch.equal(trained[k], v), k
-    assert model.build_info["probe_steps"] == 20 and 0.0 <= model.build_info["probe_val"] <= 1.0
+    info = model.build_info
+    assert info["probe_solver"] == solver and 0.0 <= info["probe_val"] <= 1.0
+    if solver == "lbfgs":  # the L2 strength kept is one of the grid's, chosen on validation
+        assert info["probe_l2"] in (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+    else:
+        assert info["probe_steps"] == 20
     # the probe learned something: the synthetic texts carry the label's sign
-    assert model.build_info["probe_val"] > 0.6
+    assert info["probe_val"] > 0.6
 
 
 def test_wise_ft_interpolation_endpoints_are_exact(tiny_bert: str, tmp_path: Path) -> None:

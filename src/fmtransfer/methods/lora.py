@@ -37,6 +37,7 @@ class LoraMethodConfig(ProbeStageConfig):
     """Start the head from a linear probe (lp_ft's stage 1) instead of a fresh head."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.rank < 1:
             raise ConfigError(f"method.rank: must be >= 1, got {self.rank}")
 
