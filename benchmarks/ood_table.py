@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 
-def _ms(xs: list[float], digits: int = 4) -> str:
+def mean_std(xs: list[float], digits: int = 4) -> str:
+    """Mean ± std over seeds as text (the value alone for one seed; "-" for none)."""
     if not xs:
         return "-"
     if len(xs) == 1:
@@ -69,10 +70,10 @@ def main(argv: list[str] | None = None) -> None:
     print("|---" * (7 + len(suites)) + "|")
     for n in names:
         ms = list(runs[n].values())
-        cols = [_ms([m["val"][k] for m in ms]), _ms([m["test"][k] for m in ms])]
-        cols += [_ms([m["ood"][s][k] for m in ms], 3) for s in suites]
-        cols += [_ms([statistics.fmean(m["ood"][s][k] for s in suites) for m in ms])]
-        cols += [f"{trainable(ms[0]):,}", _ms([per_epoch(m) for m in ms], 2)]
+        cols = [mean_std([m["val"][k] for m in ms]), mean_std([m["test"][k] for m in ms])]
+        cols += [mean_std([m["ood"][s][k] for m in ms], 3) for s in suites]
+        cols += [mean_std([statistics.fmean(m["ood"][s][k] for s in suites) for m in ms])]
+        cols += [f"{trainable(ms[0]):,}", mean_std([per_epoch(m) for m in ms], 2)]
         print(f"| {n} | {len(ms)} | " + " | ".join(cols) + " |")
     ref = runs.get(args.ref)
     if ref is None:

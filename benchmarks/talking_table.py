@@ -18,13 +18,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-
-def _ms(xs: list[float], digits: int = 4) -> str:
-    if not xs:
-        return "-"
-    if len(xs) == 1:
-        return f"{xs[0]:.{digits}f}"
-    return f"{statistics.fmean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
+from ood_table import mean_std  # benchmarks/ is on sys.path when a script here runs
 
 
 def _signed(xs: list[float]) -> str:
@@ -66,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
                 [ood_mean(m["ood"], k) for m in ms],
                 [i["val"][k] for i in inter if "val" in i], [i["test"][k] for i in inter],
                 [ood_mean(i["ood"], k) for i in inter], [m["seconds"]["train"] for m in ms]]
-        print(f"| {name} | {len(ms)} | " + " | ".join(_ms(c) for c in cols[:-1]) + f" | {_ms(cols[-1], 1)} |")
+        print(f"| {name} | {len(ms)} | " + " | ".join(mean_std(c) for c in cols[:-1]) + f" | {mean_std(cols[-1], 1)} |")
     if args.ref not in runs:
         print(f"\n(no run named {args.ref!r}: no paired table)")
         return
