@@ -25,6 +25,7 @@ from fmtransfer.config import MethodConfig
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ConfigError, DataError
 from fmtransfer.models.base import TaskModel, output_dim, squeeze_regression
+from fmtransfer.models.fm_layers import text_view
 from fmtransfer.models.hf_text import load_encoder, mean_pool
 from fmtransfer.teachers.image_fm import FinetuneImageModel, ImageFinetuneConfig, load_backbone
 
@@ -120,12 +121,7 @@ class TextFinetuneModel(TaskModel):
 
     def __init__(self, cfg: FMFinetuneConfig, task: TaskData, tokenizer: Any, encoder: nn.Module) -> None:
         super().__init__()
-        if not task.texts:
-            raise ConfigError(f"method {cfg.name}: task {task.name} has no text view")
-        view = cfg.view or next(iter(task.texts))
-        if view not in task.texts:
-            raise ConfigError(f"method.view: {view!r} is not a text view of task {task.name} "
-                              f"(allowed: {', '.join(task.texts)})")
+        view = text_view(cfg, task)
         self.index = task.texts[view].index
         self.task_type = task.task_type
         self.encoder = encoder

@@ -143,7 +143,8 @@ class FMFeatures:
 # ------------------------------------------------------------------------------------------------ text
 
 
-def _text_view(cfg: FMLayersConfig, task: TaskData) -> str:
+def text_view(cfg: Any, task: TaskData) -> str:
+    """The text view a backbone reads: `cfg.view` or the task's first (any method config with name and view)."""
     if not task.texts:
         raise ConfigError(f"method {cfg.name}: task {task.name} has no text view for the text backbone")
     v = cfg.view or next(iter(task.texts))
@@ -171,7 +172,7 @@ def text_features(cfg: FMLayersConfig, task: TaskData, cache_dir: str | Path,
     from fmtransfer.cache.text import cached_text_embeddings
     from fmtransfer.models.hf_text import encoder_param_count
 
-    view = _text_view(cfg, task)
+    view = text_view(cfg, task)
     paths = _text_layer_paths(cfg.encoder)
     depths = tap_depths(cfg, len(paths))
     tapped = [paths[d - 1] for d in depths]
@@ -334,7 +335,7 @@ def lora_taps(cfg: FMLayersConfig, task: TaskData, device: torch.device) -> tupl
     if modality == "text":
         from fmtransfer.models.hf_text import encoder_param_count
 
-        _text_view(cfg, task)
+        text_view(cfg, task)
         paths = _text_layer_paths(cfg.encoder)
         n = len(paths)
         depths = tap_depths(cfg, n)
@@ -396,7 +397,7 @@ class LiveTaps(nn.Module):
             if lora:
                 self._add_lora(self.net, image=False)
             self.paths = [paths[n - 1]] if full else [paths[d - 1] for d in depths]
-            self.view = _text_view(cfg, task)
+            self.view = text_view(cfg, task)
             self.texts = task.texts[self.view].texts
             self.index = task.texts[self.view].index
         else:
