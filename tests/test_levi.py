@@ -311,3 +311,45 @@ def test_lora_on_image_blocks_keeps_batchnorm_statistics(tmp_path: Path) -> None
         assert all(torch.equal(frozen0[k], frozen2[k]) for k in frozen0)  # merging happened on a copy
     finally:
         torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------- method.tune_backbone: true
+
+
+def test_tune_backbone_trains_every_backbone_weight_at_its_own_lr(tiny_bert: str, tmp_path: Path) -> None:
+    from fmtransfer.methods.levi import LEVI
+    from fmtransfer.train.loop import param_groups, predict_rows
+
+    with pytest.raises(ConfigError, match="exclude each other"):
+        _cfg(tmp_path, tiny_bert, "levi", "method.lora=true", "method.tune_backbone=true")
+    with pytest.raises(ConfigError, match="backbone_lr_scale"):
+        _cfg(tmp_path, tiny_bert, "levi", "method.tune_backbone=true", "method.backbone_lr_scale=0")
+    cfg = _cfg(tmp_path, tiny_bert, "levi", "method.tune_backbone=true", "method.backbone_lr_scale=0.1")
+    task = build_task(cfg)
+    method = _method(cfg, task)
+    model = method.student
+    net = model.taps.live.net
+    backbone = {id(p) for p in net.parameters()}
+    groups = {g["lr"]: g["params"] for g in param_groups(method, 0.01)}
+    assert sorted(groups) == pytest.approx([0.001, 0.01])  # backbone at lr * 0.1, LEVI's own layers at lr
+    low = next(ps for lr, ps in groups.items() if lr < 0.005)
+    assert {id(p) for p in low} == backbone and model.fm_info["tuned"]["params"] == sum(p.numel() for p in low)
+    method.train()
+    assert net.training  # text dropout on while fine-tuning
+    batch = task.gather(task.splits["train"][:12])
+    batch["labeled"] = torch.ones(12, dtype=torch.bool)
+    method(batch)["loss"].backward()
+    assert all(p.grad is not None for p in net.encoder.parameters())  # every kept layer learns
+    assert not (tmp_path / "cache" / "features").exists()
+    m = run_experiment(cfg, tmp_path / "run", quiet=True)
+    assert m["method_diagnostics"]["fm"]["encoder_forwards"] == 0
+    assert "merged_ms_per_example" not in m["method_diagnostics"]["inference"]
+    saved = load_file(str(tmp_path / "run" / "student.safetensors"))
+    word = "taps.live.net.embeddings.word_embeddings.weight"
+    assert word in saved and not torch.equal(saved[word], net.embeddings.word_embeddings.weight.detach())
+    torch.manual_seed(3)  # a fresh model (package weights, new layers): only the loaded weights decide
+    fresh = LEVI.build_model(cfg.method, cfg, task, torch.device("cpu"))
+    fresh.load_state_dict(saved, strict=True)
+    rows = task.splits["test"]
+    pred = predict_rows(fresh.eval(), task, rows, 64, torch.device("cpu"))
+    assert task.score(pred, rows)["accuracy"] == m["test"]["accuracy"]

@@ -115,6 +115,13 @@ class FMMethod(Method):
         task = masked_task_loss(pred, batch["y"], batch["labeled"], self.task_type)
         return {"loss": task, "task": task.detach()}
 
+    def lr_scales(self) -> dict[float, list[nn.Parameter]]:
+        """The trainable backbone (`lora` / `tune_backbone`) trains at train.lr * backbone_lr_scale."""
+        live = self.student.taps.live  # type: ignore[union-attr]
+        if live is None or self.c.backbone_lr_scale == 1.0:
+            return {}
+        return {self.c.backbone_lr_scale: [p for p in live.parameters() if p.requires_grad]}
+
     def diagnostics(self) -> dict[str, Any]:
         return {"fm": self.student.fm_info, "trainable_params": count_params(self.student, trainable_only=True)}
 

@@ -20,6 +20,8 @@ up to the deepest tapped layer.
 adapters (peft, through `fm_finetune.lora_backbone`), computes the tapped features live on every training
 step and every evaluation (`LiveTaps(lora=True)` inside `TappedFeatures`); only the adapters' weights of the
 backbone train, and only they are saved (the frozen weights are rebuilt from the package).
+`tune_backbone: true` computes the taps live the same way but trains every backbone weight up to the deepest
+tap (full fine-tuning inside the method, at `train.lr * backbone_lr_scale`); the whole backbone is then saved.
 """
 
 from __future__ import annotations
@@ -82,6 +84,12 @@ class FMLayersConfig(MethodConfig):
     lora_dropout: float = 0.1
     target_modules: list[str] | None = None
     """Modules to adapt (names or dotted suffixes); null = text: query, key, value; image: the 1x1 convs."""
+    tune_backbone: bool = False
+    """Fine-tune every backbone weight up to the deepest tap (live features as with `lora`, no cache; text
+    dropout on while training, image BatchNorm keeps its ImageNet statistics); excludes `lora`."""
+    backbone_lr_scale: float = 1.0
+    """The backbone's weights (LoRA adapters or, with tune_backbone, all of them) train at train.lr * this;
+    the method's own layers at train.lr."""
     latency: bool = True
     """After training, time the live inference path against the backbone's own forward (report hook)."""
     latency_rows: int = 256
@@ -90,9 +98,13 @@ class FMLayersConfig(MethodConfig):
     def __post_init__(self) -> None:
         if self.lora and self.rank < 1:
             raise ConfigError(f"method.rank: must be >= 1, got {self.rank}")
-        if self.lora and self.standardize == "zscore":
+        if self.lora and self.tune_backbone:
+            raise ConfigError("method.tune_backbone: full fine-tuning and lora: true exclude each other; pick one")
+        if (self.lora or self.tune_backbone) and self.standardize == "zscore":
             raise ConfigError("method.standardize: zscore statistics come from the cached frozen features, which "
-                              "lora: true never reads; use layernorm or none")
+                              "lora / tune_backbone never read; use layernorm or none")
+        if self.backbone_lr_scale <= 0:
+            raise ConfigError(f"method.backbone_lr_scale: must be > 0, got {self.backbone_lr_scale}")
         if not self.layers and not self.layer_ids:
             raise ConfigError("method.layers: tap at least one layer")
         if any(not 0 < f <= 1 for f in self.layers):
@@ -138,6 +150,8 @@ class FMFeatures:
     encoder_forwards: int
     lora: dict[str, Any] | None = None
     """With `lora: true`: the adapters (rank, alpha, modules, parameters); `feats` are then empty (0, D)."""
+    tuned: dict[str, Any] | None = None
+    """With `tune_backbone: true`: the fine-tuned backbone's trainable parameters; `feats` are empty (0, D)."""
 
 
 # ------------------------------------------------------------------------------------------------ text
@@ -321,14 +335,14 @@ def fit_rows(task: TaskData) -> torch.Tensor:
 
 def build_taps(cfg: FMLayersConfig, task: TaskData, cache_dir: str | Path,
                device: torch.device) -> tuple[TappedFeatures, FMFeatures]:
-    if cfg.lora:
-        return lora_taps(cfg, task, device)
+    if cfg.lora or cfg.tune_backbone:
+        return live_taps(cfg, task, device)
     fm = fm_features(cfg, task, cache_dir, device)
     return TappedFeatures(fm, cfg.standardize, fit_rows(task)), fm
 
 
-def lora_taps(cfg: FMLayersConfig, task: TaskData, device: torch.device) -> tuple[TappedFeatures, FMFeatures]:
-    """`lora: true`: taps computed live by the LoRA-adapted backbone (no cache is read or written)."""
+def live_taps(cfg: FMLayersConfig, task: TaskData, device: torch.device) -> tuple[TappedFeatures, FMFeatures]:
+    """`lora` / `tune_backbone`: taps computed live by the trainable backbone (no cache is read or written)."""
     from fmtransfer.train.loop import to_device
 
     modality = resolve_modality(cfg, task)
@@ -352,13 +366,17 @@ def lora_taps(cfg: FMLayersConfig, task: TaskData, device: torch.device) -> tupl
         depths = tap_depths(cfg, n)
         names = [f"block{d}" if d < n else "head" for d in depths]
         total, used = sum(p.numel() for p in net.parameters()), _used_params(net, max(depths))
-    live = LiveTaps(cfg, task, {"modality": modality, "backbone_layers": n, "depths": depths}, lora=True).to(device)
+    live = LiveTaps(cfg, task, {"modality": modality, "backbone_layers": n, "depths": depths}, lora=cfg.lora,
+                    tune=cfg.tune_backbone).to(device)
     live.eval()
     with torch.no_grad():  # feature widths, from two rows
         dims = [int(f.shape[1]) for f in live(to_device(task.gather(task.splits["train"][:2]), device))]
+    trained = sum(p.numel() for p in live.parameters() if p.requires_grad)
     info = {"rank": cfg.rank, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "modules": live.lora_modules,
-            "params": sum(p.numel() for p in live.parameters() if p.requires_grad)}
-    fm = FMFeatures([torch.empty(0, d) for d in dims], names, modality, depths, n, used, total, 0, lora=info)
+            "params": trained} if cfg.lora else None
+    tuned = {"params": trained, "lr_scale": cfg.backbone_lr_scale} if cfg.tune_backbone else None
+    fm = FMFeatures([torch.empty(0, d) for d in dims], names, modality, depths, n, used, total, 0, lora=info,
+                    tuned=tuned)
     return TappedFeatures(fm, cfg.standardize, fit_rows(task), live=live), fm
 
 
@@ -373,13 +391,14 @@ class LiveTaps(nn.Module):
     gradients then flow (to the adapters only), the backbone itself stays in eval mode (BatchNorm's ImageNet
     statistics, no backbone dropout: the features it computed when cached) while LoRA's own dropout follows
     train/eval, and the module's state dict holds only the adapters (the frozen weights come from the package
-    when the model is built again). Batches larger than `feature_batch_size` (evaluation) run in chunks,
-    texts sorted by length so that little padding is computed."""
+    when the model is built again). `tune=True` trains every weight of the cut backbone instead (text: its
+    dropout follows train/eval; image: BatchNorm stays in eval mode) and saves them all. Batches larger than
+    `feature_batch_size` (evaluation) run in chunks, texts sorted by length so that little padding is computed."""
 
     def __init__(self, cfg: FMLayersConfig, task: TaskData, info: dict[str, Any], full: bool = False,
-                 lora: bool = False) -> None:
+                 lora: bool = False, tune: bool = False) -> None:
         super().__init__()
-        self.modality, self.full, self.cfg, self.lora = info["modality"], full, cfg, lora
+        self.modality, self.full, self.cfg, self.lora, self.tune = info["modality"], full, cfg, lora, tune
         self.chunk = max(1, cfg.feature_batch_size)
         n, depths = int(info["backbone_layers"]), list(info["depths"])
         deepest = n if full else max(depths)
@@ -414,7 +433,7 @@ class LiveTaps(nn.Module):
             self.n = n
         self.net.eval()
         if not lora:
-            self.net.requires_grad_(False)
+            self.net.requires_grad_(tune)
         self.lora_modules = sum(1 for m in self.net.modules() if hasattr(m, "lora_A"))
         self._frozen = [k for k in self.net.state_dict() if "lora_" not in k] if lora else []
         if lora:
@@ -429,7 +448,7 @@ class LiveTaps(nn.Module):
 
     def train(self, mode: bool = True) -> LiveTaps:
         super().train(mode)
-        self.net.eval()
+        self.net.train(mode and self.tune and self.modality == "text")
         if self.lora and mode:
             for name, m in self.net.named_modules():
                 if name.endswith("lora_dropout"):
@@ -437,7 +456,7 @@ class LiveTaps(nn.Module):
         return self
 
     def forward(self, batch: dict[str, Any]) -> list[torch.Tensor]:
-        with torch.set_grad_enabled(self.lora and torch.is_grad_enabled()):
+        with torch.set_grad_enabled((self.lora or self.tune) and torch.is_grad_enabled()):
             if self.modality == "text":
                 idx = batch[self.index].tolist() if self.index != "row" else batch["row"].tolist()
                 if len(idx) <= self.chunk:
@@ -519,7 +538,7 @@ def measure_latency(cfg: FMLayersConfig, task: TaskData, model: nn.Module, devic
     model.eval()
     paths = {"model": lambda: [model.live(b, live(b)) for b in batches],  # type: ignore[operator]
              "backbone": lambda: [full(b) for b in batches]}
-    if adapted is not None:
+    if adapted is not None and adapted.lora:
         merged = merged_copy(adapted)
         paths["merged"] = lambda: [model.live(b, merged(b)) for b in batches]  # type: ignore[operator]
     for run in paths.values():  # warm-up (kernel selection, allocator)
@@ -544,7 +563,7 @@ def measure_latency(cfg: FMLayersConfig, task: TaskData, model: nn.Module, devic
            "model_ms_per_example": round(ms["model"], 4), "backbone_ms_per_example": round(ms["backbone"], 4),
            "ratio_to_backbone": round(ms["model"] / ms["backbone"], 4),
            "live_vs_cached_max_abs_diff": diff}
-    if adapted is not None:
+    if "merged" in outs:
         merged_pred = torch.cat(outs["merged"])
         if merged_pred.dim() == 2:
             merged_pred, live_pred = merged_pred.softmax(-1), live_pred.softmax(-1)
@@ -571,5 +590,7 @@ def describe(fm: FMFeatures) -> dict[str, Any]:
            "feature_dims": [int(f.shape[1]) for f in fm.feats], "encoder_forwards": fm.encoder_forwards}
     if fm.lora is not None:
         out["lora"] = fm.lora
+    if fm.tuned is not None:
+        out["tuned"] = fm.tuned
     return out
 

@@ -85,6 +85,17 @@ def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
+def param_groups(method: nn.Module, lr: float) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: one at `lr`, unless the method's `lr_scales()` names parameters that
+    train at `lr * scale` (LEVI's fine-tuned backbone beside its from-scratch layers)."""
+    scales: dict[int, float] = {id(p): s for s, ps in getattr(method, "lr_scales", dict)().items() for p in ps}
+    groups: dict[float, list[nn.Parameter]] = {}
+    for p in method.parameters():
+        if p.requires_grad:
+            groups.setdefault(scales.get(id(p), 1.0), []).append(p)
+    return [{"params": ps, "lr": lr * s} for s, ps in groups.items()]
+
+
 def fit(method: nn.Module, task: TaskData, cfg: TrainConfig, *, seed: int, ctx: DistContext,
         teacher_outputs: dict[str, torch.Tensor] | None = None, teacher_reps: dict[str, np.ndarray] | None = None,
         uses_transfer: bool = False,
@@ -98,8 +109,9 @@ def fit(method: nn.Module, task: TaskData, cfg: TrainConfig, *, seed: int, ctx: 
     plan = BatchPlan(task.splits["train"], transfer, batch_size=cfg.batch_size,
                      labeled_batch_size=cfg.labeled_batch_size, steps_per_epoch=cfg.steps_per_epoch,
                      seed=seed, rank=ctx.rank, world=ctx.world)
-    params = [p for p in method.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = param_groups(method, cfg.lr)
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_steps = cfg.epochs * len(plan)
     if cfg.lr_schedule == "cosine":
         sched = torch.optim.lr_scheduler.LambdaLR(
