@@ -48,6 +48,20 @@ def test_run_learns_and_selects_on_validation(tmp_path: Path) -> None:
     assert m["test"]["accuracy"] > 0.6  # chance is 0.5 on this task
 
 
+def test_score_last_false_skips_the_second_evaluation(tmp_path: Path) -> None:
+    from fmtransfer.run import run_experiment
+
+    out = {}
+    for flag in ("true", "false"):  # lr 0.1, constant: the tiny task's best epoch is the first of six
+        cfg = load_config(TINY, [f"cache_dir={tmp_path / 'c'}", "method={name: student}", "train.epochs=6",
+                                 "train.lr=0.1", "train.lr_schedule=constant", f"train.score_last={flag}"])
+        out[flag] = run_experiment(cfg, tmp_path / flag, quiet=True)
+    assert out["true"]["best_epoch"] < 6, "precondition: the last epoch must not be the best"
+    assert out["true"]["last_epoch"]["test"] != out["true"]["test"]  # the last weights were scored apart ...
+    assert out["false"]["last_epoch"] is None  # ... or not at all, with the best epoch's scores unchanged
+    assert out["false"]["test"] == out["true"]["test"] and out["false"]["ood"] == out["true"]["ood"]
+
+
 def _cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     e = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "fmtransfer", *args], cwd=REPO, env=e, capture_output=True,

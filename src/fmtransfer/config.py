@@ -76,6 +76,10 @@ class TrainConfig:
     num_threads: int | None = None
     eval_batch_size: int = 8192
     find_unused_parameters: bool = False
+    score_last: bool = True
+    """When the last epoch is not the best, score its weights on test and OOD too (metrics.json `last_epoch`);
+    false skips that second evaluation (a full re-encoding for methods that run a foundation model live) and
+    `last_epoch` then holds only null."""
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size"):

@@ -178,7 +178,8 @@ def _run(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool)
     t_eval0 = time.perf_counter()
     same = result.best_state.keys() == result.last_state.keys() and all(
         torch.equal(result.best_state[k], result.last_state[k]) for k in result.best_state)
-    if not same:  # the last epoch was not the best: score it too (costly when a live FM encodes every row)
+    last: dict[str, Any] | None = None
+    if not same and cfg.train.score_last:  # the last epoch was not the best: score it too (costly with a live FM)
         method.load_state_dict(result.last_state)
         last = _evaluate(method, task, cfg.train.eval_batch_size, ctx.device)
     method.load_state_dict(result.best_state)
@@ -210,7 +211,7 @@ def _run(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool)
 
 
 def _metrics(cfg: RunConfig, task: TaskData, teachers: dict[str, PreparedTeacher], best: dict[str, Any],
-             last: dict[str, Any], result: Any, n_params: tuple[int, int], ctx: DistContext,
+             last: dict[str, Any] | None, result: Any, n_params: tuple[int, int], ctx: DistContext,
              seconds: dict[str, float]) -> dict[str, Any]:
     m = task.metric
     ref_name = cfg.reference_teacher_name()
@@ -230,7 +231,7 @@ def _metrics(cfg: RunConfig, task: TaskData, teachers: dict[str, PreparedTeacher
         "higher_is_better": task.higher_is_better,
         "test": best["test"], "val": best["val"], "ood": best["ood"],
         "ood_mean": {m: sum(ood_vals) / len(ood_vals)} if ood_vals else None,
-        "last_epoch": {"test": last["test"], "val": last["val"], "ood": last["ood"]},
+        "last_epoch": {"test": last["test"], "val": last["val"], "ood": last["ood"]} if last is not None else None,
         "best_epoch": result.best_epoch, "epochs_run": len(result.history), "steps": result.steps,
         "reference": {"student": ref_student, "teacher": ref_teacher, "teacher_name": ref_name,
                       "best_teacher": best_teacher},
