@@ -27,6 +27,7 @@ tap (full fine-tuning inside the method, at `train.lr * backbone_lr_scale`); the
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -266,26 +267,31 @@ def fm_features(cfg: FMLayersConfig, task: TaskData, cache_dir: str | Path, devi
     return image_features(cfg, task, cache_dir, device)
 
 
-def fm_fingerprint(cfg: FMLayersConfig) -> str:
-    """Hash of the backbone weights a config may read (for teacher fingerprints)."""
+def backbone_fingerprint(modality: str, encoder: str, image_cfg: Callable[[], Any]) -> str:
+    """Hash of the backbone weights a config may read (for teacher fingerprints): the text encoder's files
+    and/or the image backbone's weights file (`image_cfg()` builds its ImageFMConfig)."""
     from fmtransfer.utils import stable_hash
 
     parts = []
-    if cfg.modality in ("auto", "text"):
+    if modality in ("auto", "text"):
         try:
             from fmtransfer.models.hf_text import encoder_fingerprint
 
-            parts.append(encoder_fingerprint(cfg.encoder))
+            parts.append(encoder_fingerprint(encoder))
         except Exception:  # an absent backbone cannot have been read
             parts.append("no-text-encoder")
-    if cfg.modality in ("auto", "image"):
+    if modality in ("auto", "image"):
         try:
             from fmtransfer.teachers.image_fm import weights_hash
 
-            parts.append(weights_hash(_image_cfg(cfg)))
+            parts.append(weights_hash(image_cfg()))
         except Exception:  # an absent backbone cannot have been read
             parts.append("no-image-backbone")
     return stable_hash(parts)
+
+
+def fm_fingerprint(cfg: FMLayersConfig) -> str:
+    return backbone_fingerprint(cfg.modality, cfg.encoder, lambda: _image_cfg(cfg))
 
 
 # -------------------------------------------------------------------------------------------- modules

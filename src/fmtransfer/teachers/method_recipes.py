@@ -37,10 +37,9 @@ from fmtransfer.methods.lp_ft import LPFT, LPFTConfig
 from fmtransfer.methods.wise_ft import WiseFT, WiseFTConfig
 from fmtransfer.models.base import TaskModel
 from fmtransfer.models.fm_finetune import FMFinetuneConfig
-from fmtransfer.models.fm_layers import fm_fingerprint
+from fmtransfer.models.fm_layers import backbone_fingerprint, fm_fingerprint
 from fmtransfer.registry import RECIPES
 from fmtransfer.teachers.base import Recipe, TeacherBuild
-from fmtransfer.utils import stable_hash
 
 
 @dataclass
@@ -55,23 +54,9 @@ class _RunView:
 
 def finetune_fingerprint(cfg: FMFinetuneConfig) -> str:
     """Hash of the backbone weights a fine-tuning config may read (text encoder and/or image backbone)."""
-    parts = []
-    if cfg.modality in ("auto", "text"):
-        try:
-            from fmtransfer.models.hf_text import encoder_fingerprint
+    from fmtransfer.models.fm_finetune import _image_cfg
 
-            parts.append(encoder_fingerprint(cfg.encoder))
-        except Exception:  # an absent backbone cannot have been read
-            parts.append("no-text-encoder")
-    if cfg.modality in ("auto", "image"):
-        try:
-            from fmtransfer.models.fm_finetune import _image_cfg
-            from fmtransfer.teachers.image_fm import weights_hash
-
-            parts.append(weights_hash(_image_cfg(cfg)))
-        except Exception:  # an absent backbone cannot have been read
-            parts.append("no-image-backbone")
-    return stable_hash(parts)
+    return backbone_fingerprint(cfg.modality, cfg.encoder, lambda: _image_cfg(cfg))
 
 
 class MethodRecipe(Recipe):
