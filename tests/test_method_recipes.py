@@ -42,8 +42,6 @@ def test_baseline_recipe_prepares_a_teacher(recipe: str, tiny_bert: str, tmp_pat
         assert 0 < t.trainable_params < t.params
     again = prepare_teacher("fm", cfg.teachers["fm"], task, tmp_path, seed=0)
     assert again.from_cache and torch.equal(again.outputs, t.outputs)
-    other = prepare_teacher("fm", cfg.teachers["fm"], task, tmp_path, seed=1)  # the seed is in the fingerprint
-    assert not other.from_cache and other.fingerprint != t.fingerprint
     model = load_teacher_weights(t, cfg.teachers["fm"], task, tmp_path)
     rows = task.splits["test"]
     with torch.no_grad():
