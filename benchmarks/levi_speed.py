@@ -19,7 +19,7 @@ torch.set_num_threads(1):
    (validation excluded). The ratio finetune / LEVI is given per epoch (each config's own epoch) and per
    training example (step time / batch size), since the two budgets differ in batch and steps.
 2. Inference: ms per example of LEVI's live path (`LiveTaps` to the deepest tap + `model.live`, the code
-   path of `measure_latency` in models/fm_layers.py) vs the backbone's own full forward (`LiveTaps(full=True)`),
+   path of `measure_latency` in models/fm_live.py) vs the backbone's own full forward (`LiveTaps(full=True)`),
    on the same first test rows in the same batches (the config's `latency_batch_size`), tokenisation /
    preprocessing inside both, alternating the order each repetition (AB, BA, ...); median and best.
 Prints a markdown table and the verdicts (>= 3x per epoch, <= 1.2x inference).
@@ -41,7 +41,7 @@ import torch
 
 from fmtransfer.config import RunConfig, load_config, to_dict
 from fmtransfer.data.base import TaskData
-from fmtransfer.models.fm_layers import LiveTaps
+from fmtransfer.models.fm_live import LiveTaps
 from fmtransfer.registry import METHODS, load_builtins
 from fmtransfer.run import build_task
 from fmtransfer.train.batches import BatchPlan

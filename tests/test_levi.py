@@ -303,7 +303,7 @@ def test_lora_on_image_blocks_keeps_batchnorm_statistics(tmp_path: Path) -> None
         torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=0.01).step()
         _, frozen1 = _backbone_weights(model)
         assert all(torch.equal(frozen0[k], frozen1[k]) for k in frozen0)  # BN running statistics included
-        from fmtransfer.models.fm_layers import measure_latency
+        from fmtransfer.models.fm_live import measure_latency
 
         inf = measure_latency(cfg.method, task, model, torch.device("cpu"), repeats=1)
         assert inf["live_vs_cached_max_abs_diff"] is None and inf["merged_vs_live_max_abs_diff"] < 1e-4

@@ -15,7 +15,7 @@ docs/levi.md):
 - Trainable: g, the adapters (with their LayerNorms), beta or the gate. The backbone's own weights never
   train. `method.lora: true` adds LoRA adapters (peft) to it: p_l are then computed live from the raw inputs
   by the adapted backbone (cut at the deepest tap) on every step and evaluation instead of read from the
-  cache, and the LoRA weights train with the rest (models/fm_layers.py: `live_taps`). `method.tune_backbone:
+  cache, and the LoRA weights train with the rest (models/fm_live.py: `live_taps`). `method.tune_backbone:
   true` does the same with every backbone weight up to the deepest tap trainable (full fine-tuning inside
   LEVI); `backbone_lr_scale` sets the backbone's lr relative to LEVI's own layers.
 At inference the backbone runs only up to the deepest tapped layer (`LiveTaps`), then g and the adapters.

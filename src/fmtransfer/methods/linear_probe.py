@@ -28,8 +28,8 @@ from fmtransfer.models.fm_layers import (
     TappedFeatures,
     build_taps,
     describe,
-    measure_latency,
 )
+from fmtransfer.models.fm_live import measure_latency
 from fmtransfer.registry import METHODS
 from fmtransfer.utils import count_params
 
