@@ -65,6 +65,23 @@ def test_bench_and_report(tmp_path: Path) -> None:
     assert rep.returncode == 0 and "| student | synthetic | 2 |" in rep.stdout
 
 
+def test_report_follows_linked_run_folders_once(tmp_path: Path) -> None:
+    from fmtransfer.bench import collect
+
+    for run, seed in [("a", 0), ("a", 1), ("b", 0)]:
+        d = tmp_path / "elsewhere" / run / f"seed{seed}"
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({"method": run, "seed": seed}))
+    suite = tmp_path / "suite"
+    (suite / "c" / "seed0").mkdir(parents=True)
+    (suite / "c" / "seed0" / "metrics.json").write_text(json.dumps({"method": "c", "seed": 0}))
+    os.symlink(tmp_path / "elsewhere" / "a", suite / "a")  # a linked run folder is read
+    os.symlink(tmp_path / "elsewhere" / "a", suite / "a-again")  # the same real folder twice: read once
+    os.symlink(suite, suite / "c" / "loop")  # a cycle does not hang
+    got = sorted((m["_run"], m["seed"]) for m in collect([suite]))
+    assert got == [("a", 0), ("a", 1), ("c", 0)]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -101,13 +102,30 @@ def run_bench(suite: str | Path, seeds: int, out_dir: str | Path, overrides: lis
 # ---------------------------------------------------------------------------------------------- report
 
 
+def _metrics_files(root: Path) -> list[Path]:
+    """Every metrics.json under `root`, following symlinked folders (a suite folder often links runs made
+    elsewhere), each real folder visited once so that a link cycle cannot loop."""
+    seen: set[Path] = set()
+    found = []
+    for here, subdirs, files in os.walk(root, followlinks=True):
+        real = Path(here).resolve()
+        if real in seen:
+            subdirs.clear()
+            continue
+        seen.add(real)
+        subdirs.sort()
+        if "metrics.json" in files:
+            found.append(Path(here) / "metrics.json")
+    return sorted(found)
+
+
 def collect(dirs: list[Path]) -> list[dict[str, Any]]:
     """Every finished run's metrics under `dirs`, tagged with its run name (the folder above seed<k>)."""
     found = []
     for d in dirs:
         if not d.exists():
             raise ConfigError(f"{d} does not exist")
-        for p in sorted(d.rglob("metrics.json")):
+        for p in _metrics_files(d):
             m = json.loads(p.read_text())
             m["_run"] = p.parent.parent.name if p.parent.name.startswith("seed") else p.parent.name
             found.append(m)
