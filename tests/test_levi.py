@@ -353,3 +353,20 @@ def test_tune_backbone_trains_every_backbone_weight_at_its_own_lr(tiny_bert: str
     rows = task.splits["test"]
     pred = predict_rows(fresh.eval(), task, rows, 64, torch.device("cpu"))
     assert task.score(pred, rows)["accuracy"] == m["test"]["accuracy"]
+
+
+def test_small_lr_scale_gives_the_small_model_its_own_lr(tiny_bert: str, tmp_path: Path) -> None:
+    from fmtransfer.train.loop import param_groups
+
+    with pytest.raises(ConfigError, match="small_lr_scale"):
+        _cfg(tmp_path, tiny_bert, "levi", "method.small_lr_scale=0")
+    cfg = _cfg(tmp_path, tiny_bert, "levi", "method.tune_backbone=true", "method.backbone_lr_scale=0.1",
+               "method.small_lr_scale=10")
+    method = _method(cfg, build_task(cfg))
+    model = method.student
+    groups = {round(g["lr"], 6): {id(p) for p in g["params"]} for g in param_groups(method, 0.01)}
+    assert sorted(groups) == [0.001, 0.01, 0.1]  # backbone, LEVI's own layers, the small model
+    assert groups[0.001] == {id(p) for p in model.taps.live.net.parameters()}
+    assert groups[0.1] == {id(p) for p in model.small.parameters()}
+    adapters = {id(p) for p in model.adapters.parameters()}
+    assert adapters <= groups[0.01] and not adapters & groups[0.1]

@@ -71,6 +71,9 @@ class LEVIConfig(FMLayersConfig):
     independently trained members of the cheap `ensemble` do (needs l_layer > 0)."""
     small: ModelConfig | None = None
     """The small model; null = the run's `student` section (the teacher recipe must set it)."""
+    small_lr_scale: float = 1.0
+    """The small model trains at train.lr * small_lr_scale: trained from scratch, it may need a larger step than
+    LEVI's adapters, above all beside a fine-tuned backbone whose lr sets the budget (`tune_backbone`)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -80,6 +83,8 @@ class LEVIConfig(FMLayersConfig):
             raise ConfigError("method.small_view: false with small_head none leaves the small model unused")
         if not 0 <= self.view_dropout < 1:
             raise ConfigError(f"method.view_dropout: must be in [0, 1), got {self.view_dropout}")
+        if self.small_lr_scale <= 0:
+            raise ConfigError(f"method.small_lr_scale: must be > 0, got {self.small_lr_scale}")
         if self.l_layer < 0:
             raise ConfigError(f"method.l_layer: must be >= 0, got {self.l_layer}")
         if self.ensemble_grad == "weights" and self.l_layer <= 0:
@@ -202,6 +207,14 @@ class LEVI(FMMethod):
         for name, v in zip(names, terms.pop("per_member"), strict=True):
             terms[f"member:{name}"] = v.detach()
         return terms
+
+    def lr_scales(self) -> dict[float, list[nn.Parameter]]:
+        """The backbone's scale (`FMMethod`) plus the small model's own (`small_lr_scale`)."""
+        scales = super().lr_scales()
+        if self.c.small_lr_scale != 1.0:
+            small = [p for p in self.student.small.parameters() if p.requires_grad]  # type: ignore[union-attr]
+            scales.setdefault(self.c.small_lr_scale, []).extend(small)
+        return scales
 
     def report(self, task: TaskData, history: list[dict[str, Any]], out_dir: Path,
                device: torch.device) -> dict[str, Any]:
