@@ -117,13 +117,12 @@ class WiseFT(FMFinetuneMethod):
             self.steps_done += 1
         return super().losses(batch)
 
-    def train(self, mode: bool = True) -> WiseFT:
-        ending = (not mode and self.training and self.total_steps is not None
-                  and int(self.steps_done) >= self.total_steps and float(self.alpha) < 0)
-        super().train(mode)
-        if ending:
+    def end_of_steps(self) -> None:
+        """Loop hook after each epoch's updates: once the last planned step ran, sweep alpha, so the epoch's
+        validation (and the best-epoch choice) reads the chosen interpolation."""
+        if self.total_steps is not None and int(self.steps_done) >= self.total_steps and float(self.alpha) < 0:
+            self.eval()
             self._sweep()
-        return self
 
     def _score(self, rows: torch.Tensor) -> float:
         device = next(self.student.parameters()).device
