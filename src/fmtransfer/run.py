@@ -94,11 +94,18 @@ def prepare_teachers(cfg: RunConfig, task: TaskData, names: list[str], ctx: Dist
     return {name: prepare(name) for name in names}
 
 
+def apply_num_threads(cfg: RunConfig) -> None:
+    """`train.num_threads` (when set) for this process's torch ops: every command that computes honours it."""
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+
+
 def cache_teachers(cfg: RunConfig, names: list[str] | None = None) -> dict[str, PreparedTeacher]:
     """`fmtransfer cache`: prepare teachers and fill their caches now, so later runs only read them."""
     unknown = [n for n in names or [] if n not in cfg.teachers]
     if unknown:
         raise ConfigError(f"--teacher {unknown[0]!r} is not a configured teacher (allowed: {', '.join(cfg.teachers)})")
+    apply_num_threads(cfg)
     ctx = init_distributed(cfg.train.device)
     try:
         task = build_task(cfg)
@@ -131,8 +138,7 @@ def run_experiment(cfg: RunConfig, out_dir: str | Path, resume: bool = False, qu
 
 
 def _run(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool) -> dict[str, Any]:
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
+    apply_num_threads(cfg)
     seed_everything(cfg.seed)
     config_hash = stable_hash(to_dict(cfg))
     if ctx.is_main:

@@ -28,8 +28,9 @@ from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ArtifactError, ConfigError, DataError
 from fmtransfer.models.base import TaskModel
 from fmtransfer.registry import RECIPES
+from fmtransfer.teachers.outputs import outputs_and_reps, prepare_batch_size
 from fmtransfer.train.distributed import DistContext
-from fmtransfer.train.loop import fit, predict_rows
+from fmtransfer.train.loop import fit
 from fmtransfer.utils import atomic_write_json, count_params, stable_hash
 
 ARTIFACT_VERSION = 3  # 2: text embeddings in the fp16 feature store; 3: reps.npy (the teacher body output)
@@ -255,8 +256,9 @@ def _build_and_store(name: str, cfg: TeacherConfig, task: TaskData, cache_dir: P
     method.load_state_dict(result.best_state)
     method.eval()
     all_rows = torch.arange(task.num_rows)
-    outputs = predict_rows(method.predict, task, all_rows, cfg.train.eval_batch_size, device)
-    reps = predict_rows(model.body, task, all_rows, cfg.train.eval_batch_size, device)
+    outputs_np, reps_np = outputs_and_reps(method.predict, model, task, all_rows,  # one forward: outputs + reps
+                                           prepare_batch_size(cfg.train.eval_batch_size), device)
+    outputs = torch.from_numpy(outputs_np)
     expected = (task.num_rows, *task.output_shape())
     if tuple(outputs.shape) != expected:
         raise DataError(f"teacher {name!r} produced outputs of shape {tuple(outputs.shape)}, "
@@ -273,8 +275,8 @@ def _build_and_store(name: str, cfg: TeacherConfig, task: TaskData, cache_dir: P
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    np.save(tmp / "outputs.npy", outputs.numpy().astype(np.float32))
-    np.save(tmp / "reps.npy", reps.numpy().astype(np.float16))
+    np.save(tmp / "outputs.npy", outputs_np)
+    np.save(tmp / "reps.npy", reps_np)
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in method.student.state_dict().items()},
               str(tmp / "weights.safetensors"))
     atomic_write_json(tmp / "meta.json", meta)
