@@ -136,6 +136,9 @@ def teacher_fingerprint(name: str, cfg: TeacherConfig, task: TaskData, seed: int
                          ("distill_temperature", 4.0)):
         if d.get(key) == default:
             del d[key]  # defaults: keep artifacts prepared before these options existed valid
+    for key, default in getattr(cfg, "fingerprint_optional", {}).items():  # a recipe's own such options
+        if d.get(key) == default:
+            del d[key]
     if d.get("train", {}).get("score_last") is True:
         del d["train"]["score_last"]  # likewise (a teacher's preparation never scores its last epoch apart)
     parts = [ARTIFACT_VERSION, name, d, task.fingerprint, seed, recipe.fingerprint_extra(cfg)]
