@@ -232,6 +232,7 @@ class DiverseDistill(Method):
         t_outs, t_reps = self.teacher_states(batch, keep)
         q = self.w_q(z)
         align, ans, kd, t_loss = [], [], [], []
+        needs_t_loss = c.importance == "learned" and c.gate_target != "disagreement"  # only the gate reads it
         for k, n in enumerate(self.names):
             if n in self._tokens:
                 tokens = self._tokens[n][batch["row"].cpu()].to(z.device).float()
@@ -240,18 +241,23 @@ class DiverseDistill(Method):
                 a_k = self.answer[k](torch.cat([self.proj[k](t_reps[k]), q + self.teacher_embed[k]], -1))
             align.append(1 - F.cosine_similarity(z, a_k, dim=-1))
             mk = (labeled & keep[:, k]).float()
-            per_ans = per_row_task_loss(self.student.head(a_k) + offset, batch["y"], self.task_type)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and c.l_ans != 0):  # at 0 it is only reported
+                per_ans = per_row_task_loss(self.student.head(a_k) + offset, batch["y"], self.task_type)
             ans.append((per_ans * mk).sum() / mk.sum().clamp(min=1.0))
             kd.append(per_row_kd(pred, t_outs[k], self.task_type, c.temperature))
-            t_loss.append(per_row_task_loss(t_outs[k], batch["y"], self.task_type))
+            if needs_t_loss:
+                t_loss.append(per_row_task_loss(t_outs[k], batch["y"], self.task_type))
         align_t = (w * torch.stack(align, -1)).sum(-1).mean()
         kd_t = (w * torch.stack(kd, -1)).sum(-1).mean()
         ans_t = torch.stack(ans).mean()
-        loss = c.task_weight * task + c.l_align * align_t + c.l_ans * ans_t + c.l_kd * kd_t
+        loss = c.task_weight * task + c.l_align * align_t
+        if c.l_ans != 0:  # at 0 the term is reported, not trained (x + 0.0 == x: the same loss)
+            loss = loss + c.l_ans * ans_t
+        loss = loss + c.l_kd * kd_t
         out = {"task": task.detach(), "align": align_t.detach(), "answer": ans_t.detach(), "kd": kd_t.detach()}
         if c.importance == "learned":
             if c.gate_target == "disagreement":  # any row that ran the teacher; the target is its KD term
-                gate = _masked_mse(self.gate_scores(z), torch.stack(kd, -1).detach(), keep)
+                gate = _masked_mse(score, torch.stack(kd, -1).detach(), keep)  # score: this step's gate_scores(z)
             else:  # the gate learns only from labeled rows whose teachers ran
                 seen = labeled.unsqueeze(-1) & keep
                 gate = self._gate_loss(z, torch.stack(t_loss, -1).detach(), per_task.detach(), seen)

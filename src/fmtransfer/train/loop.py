@@ -52,7 +52,7 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 def make_batch(task: TaskData, rows: torch.Tensor, labeled: torch.Tensor | None,
                teacher_outputs: dict[str, torch.Tensor],
-               teacher_reps: dict[str, np.ndarray] | None = None) -> dict[str, torch.Tensor]:
+               teacher_reps: dict[str, np.ndarray | torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Gather features, target, labeled mask and each needed teacher's cached outputs (and
     representations, `teacher_rep:<name>`) for `rows`."""
     batch = task.gather(rows)
@@ -61,7 +61,8 @@ def make_batch(task: TaskData, rows: torch.Tensor, labeled: torch.Tensor | None,
         batch[f"teacher:{name}"] = out[rows].float()
     idx = rows.numpy()
     for name, reps in (teacher_reps or {}).items():
-        batch[f"teacher_rep:{name}"] = torch.from_numpy(np.asarray(reps[idx], dtype=np.float32))
+        batch[f"teacher_rep:{name}"] = (reps[rows].float() if isinstance(reps, torch.Tensor)  # fit() loads them
+                                        else torch.from_numpy(np.asarray(reps[idx], dtype=np.float32)))
     return batch
 
 
@@ -97,12 +98,16 @@ def param_groups(method: nn.Module, lr: float) -> list[dict[str, Any]]:
 
 
 def fit(method: nn.Module, task: TaskData, cfg: TrainConfig, *, seed: int, ctx: DistContext,
-        teacher_outputs: dict[str, torch.Tensor] | None = None, teacher_reps: dict[str, np.ndarray] | None = None,
+        teacher_outputs: dict[str, torch.Tensor] | None = None,
+        teacher_reps: dict[str, np.ndarray | torch.Tensor] | None = None,
         uses_transfer: bool = False,
         ckpt_path: str | Path | None = None, resume: bool = False, config_hash: str = "",
         desc: str = "train", log: Callable[[dict[str, Any]], None] | None = None) -> FitResult:
     """Train `method` (forward(batch) -> {'loss', ...}; predict(batch) -> prediction); return the best state."""
     teacher_outputs = teacher_outputs or {}
+    if teacher_reps:  # fp16 in memory once: a step's gather is then a torch index, not a memmap read + numpy cast
+        teacher_reps = {n: r if isinstance(r, torch.Tensor) else torch.from_numpy(np.array(r))
+                        for n, r in teacher_reps.items()}
     device = ctx.device
     method.to(device)
     transfer = task.splits.get("transfer") if uses_transfer else None
