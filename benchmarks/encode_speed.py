@@ -107,14 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    print("\n| backbone | inputs | fp32 /s | bf16 /s | speed-up | cosine to fp32: min / mean |\n|---|---|---|---|---|---|")
+    print("\n| backbone | inputs | fp32 /s | bf16 /s | speed-up | cosine to fp32: min / mean |")
+    print("|---|---|---|---|---|---|")
     if args.only in (None, "text"):
         task = build_task(load_config(REPO / "configs/reviews/student.yaml", []))
         r = text_side(list(next(iter(task.texts.values())).texts[:args.texts]), args.rounds)
         print(f"| MiniLM-L6, reviews cache | {r['n']} texts | {r['fp32']:.1f} | {r['bf16']:.1f} | "
               f"**{r['bf16'] / r['fp32']:.2f}x** | {r['cos'][0]:.5f} / {r['cos'][1]:.5f} |")
         print(f"| MiniLM-L6, int8 dynamic (bare loop, not offered) | {r['n']} texts | {r['fp32']:.1f} | "
-              f"{r['int8']:.1f} (int8) | {r['int8'] / r['fp32']:.2f}x | {r['cos_int8'][0]:.5f} / {r['cos_int8'][1]:.5f} |")
+              f"{r['int8']:.1f} (int8) | {r['int8'] / r['fp32']:.2f}x | "
+              f"{r['cos_int8'][0]:.5f} / {r['cos_int8'][1]:.5f} |")
     if args.only in (None, "image"):
         from prep_speed import head_task  # benchmarks/ is on sys.path when this script runs
 

@@ -47,7 +47,7 @@ def configs(task: str, methods: list[str], overrides: list[str], teacher_epochs:
         path = REPO / "configs" / task / f"{m}.yaml"
         if not path.exists():
             continue
-        sets = ["train.epochs=1", *(["train.steps_per_epoch=%d" % steps] if steps else []), *overrides]
+        sets = ["train.epochs=1", *([f"train.steps_per_epoch={steps}"] if steps else []), *overrides]
         cfg = load_config(path, sets)
         if teacher_epochs is not None:
             cfg = load_config(path, sets + [f"teachers.{n}.train.epochs={teacher_epochs}" for n in cfg.teachers])
@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     per_step = {m: 1000 * med[m] / max(steps[m], 1) for m in med}
     print(f"\n{args.task}: one epoch per method, median of {args.rounds} interleaved rounds, "
           f"{args.threads} thread(s), load average {os.getloadavg()[0]:.1f}\n")
-    print("| method | steps | epoch s | ms/step | epoch / student | epoch / kd | step / kd |\n|---|---|---|---|---|---|---|")
+    print("| method | steps | epoch s | ms/step | epoch / student | epoch / kd | step / kd |")
+    print("|---|---|---|---|---|---|---|")
     for m in med:
         r_s = f"{med[m] / med['student']:.2f}" if "student" in med else "n/a"
         r_k = f"{med[m] / med['kd']:.2f}" if "kd" in med else "n/a"

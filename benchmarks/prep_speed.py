@@ -97,7 +97,8 @@ def text_encode(texts: list[str], rounds: int) -> dict[str, float]:
 
 def image_encode(task: TaskData, cfg, rounds: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
     root = Path(tempfile.mkdtemp(prefix="prep-speed-"))
-    net, pre, stop, bs = load_backbone(cfg), Preprocess(cfg.resolution, cfg.normalize), cfg.tap + 1, cfg.feature_batch_size
+    net, pre = load_backbone(cfg), Preprocess(cfg.resolution, cfg.normalize)
+    stop, bs = cfg.tap + 1, cfg.feature_batch_size
     images = task.features[cfg.feature]
     fmt = torch.channels_last if len(images) >= 1024 else torch.contiguous_format  # as the cache build does
 
@@ -176,11 +177,12 @@ def main(argv: list[str] | None = None) -> int:
                      "images/s", image_encode(task, cfg.teachers["fm"], args.rounds)))
         rows.append(("EfficientNet-Lite0 on digits", f"outputs of `wide` CNN for {task.num_rows} rows, rows/s",
                      outputs_pass(task, cfg.teachers["wide"], args.rounds)))
-    print(f"\n| FM | stage | bare forward | preparation | ratio | before issue 18 (ratio) |\n|---|---|---|---|---|---|")
+    print("\n| FM | stage | bare forward | preparation | ratio | before issue 18 (ratio) |\n|---|---|---|---|---|---|")
     for fm, stage, r in rows:
         before = f"{r['before']:.0f} ({r['before'] / r['bare']:.2f})" if "before" in r else "n/a"
         bs = f", batch {r['batch']:.0f}" if "batch" in r else ""
-        print(f"| {fm} | {stage}{bs} | {r['bare']:.0f} | {r['prep']:.0f} | **{r['prep'] / r['bare']:.2f}** | {before} |")
+        ratio = r["prep"] / r["bare"]
+        print(f"| {fm} | {stage}{bs} | {r['bare']:.0f} | {r['prep']:.0f} | **{ratio:.2f}** | {before} |")
     print(f"\ntorch threads {torch.get_num_threads()}, rounds {args.rounds}, total {time.perf_counter() - t0:.0f} s, "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     return 0

@@ -61,7 +61,7 @@ def make_batch(task: TaskData, rows: torch.Tensor, labeled: torch.Tensor | None,
         batch[f"teacher:{name}"] = out[rows].float()
     idx = rows.numpy()
     for name, reps in (teacher_reps or {}).items():
-        batch[f"teacher_rep:{name}"] = (reps[rows].float() if isinstance(reps, torch.Tensor)  # fit() loads them
+        batch[f"teacher_rep:{name}"] = (reps.index_select(0, rows).float() if isinstance(reps, torch.Tensor)  # fit()
                                         else torch.from_numpy(np.asarray(reps[idx], dtype=np.float32)))
     return batch
 
@@ -116,7 +116,7 @@ def fit(method: nn.Module, task: TaskData, cfg: TrainConfig, *, seed: int, ctx: 
                      seed=seed, rank=ctx.rank, world=ctx.world)
     groups = param_groups(method, cfg.lr)
     params = [p for g in groups for p in g["params"]]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)  # CPU too: same numbers
     total_steps = cfg.epochs * len(plan)
     if cfg.lr_schedule == "cosine":
         sched = torch.optim.lr_scheduler.LambdaLR(
