@@ -12,7 +12,8 @@ Each method is `configs/<task>/<method>.yaml` with `train.epochs=1` (plus `--set
 library's own loop (`train.loop.fit`: batches, teacher outputs read from the cache, the step, the epoch's
 validation pass) on the same prepared teachers. Teachers are prepared first (not timed) into --cache-dir.
 Rounds are interleaved (every method once, then again) so machine load falls on all methods alike; the
-median epoch of each is reported, with milliseconds per step, and both ratios. `--teacher-epochs` only
+median epoch of each is reported, with milliseconds per step, both ratios, and the ratio of the process's
+CPU seconds (1 thread: less moved by other jobs than wall time on a shared machine). `--teacher-epochs` only
 shortens teacher preparation (the teachers' quality does not change a step's cost).
 """
 
@@ -70,12 +71,13 @@ def build_method(cfg: RunConfig, task, teachers):  # type: ignore[no-untyped-def
     return method, kwargs
 
 
-def epoch(cfg: RunConfig, task, teachers) -> tuple[float, int]:  # type: ignore[no-untyped-def]
+def epoch(cfg: RunConfig, task, teachers) -> tuple[float, float, int]:  # type: ignore[no-untyped-def]
+    """(wall seconds, CPU seconds of this process, steps) of one epoch."""
     method, kwargs = build_method(cfg, task, teachers)
     torch.manual_seed(cfg.seed)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = fit(method, task, cfg.train, seed=cfg.seed, ctx=DistContext(), desc=cfg.method.name, **kwargs)
-    return time.perf_counter() - t0, result.steps
+    return time.perf_counter() - t0, time.process_time() - c0, result.steps
 
 
 def profile(cfg: RunConfig, task, teachers, rows: int = 25) -> str:  # type: ignore[no-untyped-def]
@@ -120,22 +122,26 @@ def main(argv: list[str] | None = None) -> int:
     for cfg in cfgs.values():  # warm-up: first-call costs (allocators, kernels) are not any method's
         epoch(cfg, task, teachers)
     times: dict[str, list[float]] = {m: [] for m in cfgs}
+    cpu: dict[str, list[float]] = {m: [] for m in cfgs}
     steps: dict[str, int] = {}
     for _ in range(args.rounds):
         for m, cfg in cfgs.items():
-            t, steps[m] = epoch(cfg, task, teachers)
+            t, c, steps[m] = epoch(cfg, task, teachers)
             times[m].append(t)
+            cpu[m].append(c)
     med = {m: statistics.median(v) for m, v in times.items()}
+    med_cpu = {m: statistics.median(v) for m, v in cpu.items()}
     per_step = {m: 1000 * med[m] / max(steps[m], 1) for m in med}
     print(f"\n{args.task}: one epoch per method, median of {args.rounds} interleaved rounds, "
           f"{args.threads} thread(s), load average {os.getloadavg()[0]:.1f}\n")
-    print("| method | steps | epoch s | ms/step | epoch / student | epoch / kd | step / kd |")
-    print("|---|---|---|---|---|---|---|")
+    print("| method | steps | epoch s | ms/step | epoch / student | epoch / kd | step / kd | CPU s: epoch / kd |")
+    print("|---|---|---|---|---|---|---|---|")
     for m in med:
         r_s = f"{med[m] / med['student']:.2f}" if "student" in med else "n/a"
         r_k = f"{med[m] / med['kd']:.2f}" if "kd" in med else "n/a"
         r_ks = f"**{per_step[m] / per_step['kd']:.2f}**" if "kd" in med else "n/a"
-        print(f"| {m} | {steps[m]} | {med[m]:.2f} | {per_step[m]:.2f} | {r_s} | {r_k} | {r_ks} |")
+        r_c = f"{med_cpu[m]:.2f} / {med_cpu[m] / med_cpu['kd']:.2f}" if "kd" in med else f"{med_cpu[m]:.2f}"
+        print(f"| {m} | {steps[m]} | {med[m]:.2f} | {per_step[m]:.2f} | {r_s} | {r_k} | {r_ks} | {r_c} |")
     return 0
 
 
