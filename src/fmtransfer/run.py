@@ -201,8 +201,8 @@ def _run(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool)
     if ctx.is_main:
         student_state = {k[len("student."):]: v.contiguous() for k, v in result.best_state.items()
                          if k.startswith("student.")}
-        publish(out / "student.safetensors", lambda tmp: save_file(
-            student_state, str(tmp), metadata={"task": task.name, "method": cfg.method.name, "model": cfg.student.name}))
+        st_meta = {"task": task.name, "method": cfg.method.name, "model": cfg.student.name}
+        publish(out / "student.safetensors", lambda tmp: save_file(student_state, str(tmp), metadata=st_meta))
         if cfg.method.name == "student":
             atomic_write_json(_reference_path(cfg, task), {"metric": task.metric, "test": best["test"],
                                                            "ood": best["ood"], "run": str(out)})
