@@ -93,7 +93,7 @@ def open_finished_run(run_dir: str | Path) -> FinishedRun:
         raise ExportError(f"{path / 'metrics.json'} is corrupt ({one_line(e, 120)}); "
                           "run the experiment again") from None
     try:
-        cfg = load_config(path / "config.yaml")
+        cfg = load_config(path / "config.yaml", machine_checks=False)
     except FmtError as e:
         raise ExportError(f"{path / 'config.yaml'} is unusable ({one_line(e, 160)}); "
                           "run the experiment again") from None

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from fmtransfer.config import TrainConfig
 from fmtransfer.data.base import TaskData
+from fmtransfer.errors import TrainingDiverged
 from fmtransfer.train.batches import BatchPlan
 from fmtransfer.train.checkpoint import load_checkpoint, save_checkpoint
 from fmtransfer.train.distributed import DistContext
@@ -153,8 +154,8 @@ def fit(method: nn.Module, task: TaskData, cfg: TrainConfig, *, seed: int, ctx: 
                 terms = model(batch)
             loss = terms["loss"].float()
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}; "
-                                         "lower train.lr or check the inputs")
+                raise TrainingDiverged(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}; "
+                                       "lower train.lr or check the inputs for NaN or inf")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
