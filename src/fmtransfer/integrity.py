@@ -95,12 +95,30 @@ def publish(path: str | Path, write: Callable[[Path], None]) -> None:
         files = read_receipts(folder) or {}
         files[name] = [new, *files.get(name, [])[:1]]  # both the new and the old bytes are valid for a moment
         _write_receipts(folder, files)
+        _maybe_die(name)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     files[name] = [new]
     _write_receipts(folder, files)
+
+
+KILL_ENV = "FMTRANSFER_DEBUG_KILL_IN_WRITE"
+"""Tests set this to NAME@K: the process dies (os._exit(17)) in its K-th publish of file NAME, after the new
+bytes and the two-entry receipt are written and before the rename: a real kill at the worst point."""
+_published: dict[str, int] = {}
+
+
+def _maybe_die(name: str) -> None:
+    spec = os.environ.get(KILL_ENV)
+    if not spec:
+        return
+    target, _, k = spec.partition("@")
+    if target == name:
+        _published[name] = _published.get(name, 0) + 1
+        if _published[name] == int(k or 1):
+            os._exit(17)
 
 
 def check(path: str | Path, required: bool = False) -> str | None:

@@ -77,7 +77,7 @@ def check_table(df: Any, cfg: Any) -> None:
             warn(f"task: numeric column {col!r} is empty in {int(np.isnan(x).sum())} rows; those read as the "
                  "training mean")
     for col in cfg.text:
-        text = df[col].fillna("").astype(str).str.strip()
+        text = df[col].astype("string").fillna("").str.strip()
         if (text == "").all():
             warn(f"task: text column {col!r} is empty in every row; the foundation teacher reads nothing from it")
 

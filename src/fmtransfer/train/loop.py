@@ -31,6 +31,8 @@ from fmtransfer.train.distributed import DistContext
 
 DEBUG_EXIT_ENV = "FMTRANSFER_DEBUG_EXIT_AFTER_EPOCH"
 """Tests set this to N to make the process die right after epoch N's checkpoint (a real kill)."""
+DEBUG_EXIT_RANK_ENV = "FMTRANSFER_DEBUG_EXIT_RANK"
+"""With DEBUG_EXIT_ENV: only this rank dies (its torchrun peers then lose it mid-job)."""
 
 
 @dataclass
@@ -194,7 +196,8 @@ def fit(method: nn.Module, task: TaskData, cfg: TrainConfig, *, seed: int, ctx: 
                 "history": history, "bad_epochs": bad_epochs, "steps": steps, "teacher_rows_read": rows_read,
             })
         ctx.barrier()
-        if os.environ.get(DEBUG_EXIT_ENV) == str(epoch + 1):
+        if os.environ.get(DEBUG_EXIT_ENV) == str(epoch + 1) and os.environ.get(DEBUG_EXIT_RANK_ENV, str(ctx.rank)) \
+                == str(ctx.rank):
             os._exit(17)
     return FitResult(best_state=best_state, best_epoch=best_epoch + 1, best_score=best_score,
                      last_state=_cpu_state(method), history=history, steps=steps,
