@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import tempfile
 import time
 import traceback
@@ -24,7 +25,8 @@ PEER_HINTS = ("connection closed by peer", "connection reset by peer", "gloo", "
 
 
 def one_line(e: BaseException, limit: int = 240) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
+    text = re.sub(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", " ".join(str(e).split()))  # drop C++ source refs
+    text = text or type(e).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
