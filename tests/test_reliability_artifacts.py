@@ -228,3 +228,27 @@ def test_a_dead_torchrun_peer_is_one_line_not_a_gloo_traceback(tmp_path: Path) -
     assert "fmtransfer: error: rank 0: another process of this torchrun job stopped" in r.stderr, r.stderr[-3000:]
     # torchrun's own launcher reports the failed ranks (its ChildFailedError); no frame of fmtransfer's code
     assert "fmtransfer/train" not in r.stderr and "fmtransfer/cli.py" not in r.stderr, r.stderr[-3000:]
+
+
+def test_serve_bench_names_a_damaged_fm_weight_file(tiny_bert: str, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = load_config(TINY, [f"cache_dir={tmp_path / 'cache'}", f"teachers.fm={{recipe: hybrid, encoder: {tiny_bert}}}",
+                             "teachers.fm.features={name: mlp, hidden: [8]}", "teachers.fm.proj_dim=8",
+                             "teachers.fm.hidden=[16]", "teachers.fm.max_length=16",
+                             "teachers.fm.train={epochs: 1, batch_size: 32, steps_per_epoch: 2}", "method.teacher=fm"])
+    run_experiment(cfg, tmp_path / "run", quiet=True)
+    art = next(p for p in (tmp_path / "cache" / "teachers").iterdir() if p.name.startswith("fm-"))
+    w = art / "weights.safetensors"
+    w.write_bytes(b"\xff" * 8 + w.read_bytes()[8:])  # a damaged header (the length prefix)
+    args = ["serve-bench", str(tmp_path / "run"), "--requests", "2", "--fm-requests", "2", "--batch-size", "8",
+            "--batches", "1", "--fm-batches", "1"]
+    capsys.readouterr()
+    assert main(args) == 0  # the student is measured; the damaged FM path is named, not benchmarked
+    out = capsys.readouterr()
+    assert f"FM path not measured: teacher 'fm': artifact {art} is corrupt (weights.safetensors:" in out.out
+    assert "Traceback" not in out.err
+    (art / "receipts.json").unlink()  # without its receipt: safetensors' own header error, still one line
+    assert main(args) == 0
+    out = capsys.readouterr()
+    assert "FM path not measured: teacher 'fm':" in out.out and "weights.safetensors does not load" in out.out
+    assert "Traceback" not in out.err
