@@ -56,12 +56,12 @@ def yaml_value(v: Any) -> str:
     return text[:-3].strip() if text.endswith("...") else text
 
 
-def fuzz_cases(n: int, seed: int = 0) -> list[tuple[Path, list[str]]]:
-    """`n` (config, overrides) cases, reproducible from `seed`."""
+def fuzz_cases(n: int, seed: int = 0, configs: list[Path] | None = None) -> list[tuple[Path, list[str]]]:
+    """`n` (config, overrides) cases over `configs` (default: every shipped one), reproducible from `seed`."""
     from fmtransfer.config import read_config_file
 
     rng = random.Random(seed)
-    configs = shipped_configs()
+    configs = configs or shipped_configs()
     raws = {p: read_config_file(p) for p in configs}
     cases = []
     for _ in range(n):
