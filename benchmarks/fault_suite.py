@@ -252,7 +252,7 @@ def fuzz(work: Path, n_validate: int, n_run: int, seed: int) -> dict[str, Any]:
         tally[f"validate {v}"] = tally.get(f"validate {v}", 0) + 1
         if v.startswith("FAIL"):
             fails.append({"config": path.name, "set": sets, "outcome": v, "stderr": err[-300:]})
-    runs = fuzz_cases(n_run, seed + 1, configs=[TINY])  # cheap enough to train
+    runs = fuzz_cases(n_run, seed + 1, configs=[TINY], plausible=0.6)  # cheap enough to train; half plausible
     for i, (path, sets) in enumerate(runs):
         args = ["run", str(path), "--out", str(work / f"fz{i}"), "--set", f"cache_dir={work / 'fz-cache'}",
                 "--set", "train.num_threads=1", *[a for s in sets for a in ("--set", s)]]

@@ -56,8 +56,19 @@ def yaml_value(v: Any) -> str:
     return text[:-3].strip() if text.endswith("...") else text
 
 
-def fuzz_cases(n: int, seed: int = 0, configs: list[Path] | None = None) -> list[tuple[Path, list[str]]]:
-    """`n` (config, overrides) cases over `configs` (default: every shipped one), reproducible from `seed`."""
+def _get(raw: dict[str, Any], key: str) -> Any:
+    node: Any = raw
+    for k in key.split("."):
+        node = node.get(k) if isinstance(node, dict) else None
+    return node
+
+
+def fuzz_cases(n: int, seed: int = 0, configs: list[Path] | None = None,
+               plausible: float = 0.0) -> list[tuple[Path, list[str]]]:
+    """`n` (config, overrides) cases over `configs` (default: every shipped one), reproducible from `seed`.
+
+    With probability `plausible` an override scales a number the file sets (x0.1 .. x10) instead of an odd value.
+    """
     from fmtransfer.config import read_config_file
 
     rng = random.Random(seed)
@@ -71,6 +82,14 @@ def fuzz_cases(n: int, seed: int = 0, configs: list[Path] | None = None) -> list
         overrides = []
         for _ in range(rng.randint(1, 3)):
             key = rng.choice(pool)
+            current = _get(raw, key)
+            numbers = [k for k in pool if isinstance(_get(raw, k), (int, float)) and not isinstance(_get(raw, k), bool)]
+            if numbers and rng.random() < plausible:
+                key = rng.choice(numbers)
+                current = _get(raw, key)
+                v = current * rng.choice([0.1, 0.5, 2, 10])
+                overrides.append(f"{key}={yaml_value(type(current)(v) if isinstance(current, int) else v)}")
+                continue
             kind = rng.random()
             if kind < 0.08:
                 key = f"{key}.no_such_option"

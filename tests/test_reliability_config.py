@@ -11,25 +11,15 @@ import pytest
 import torch
 
 from fmtransfer.cli import main
-from fmtransfer.config import RunConfig, TaskConfig, TeacherConfig, TrainConfig, load_config
+from fmtransfer.config import load_config
 from fmtransfer.errors import ConfigError, DataError
-from fmtransfer.ranges import numeric_fields_without_range, range_for
-from tests.conftest import TINY
+from fmtransfer.ranges import config_classes, markdown_table, numeric_fields_without_range, range_for
+from tests.conftest import REPO, TINY
 from tests.fuzz_configs import fuzz_cases
 
 
-def _config_classes() -> list[type]:
-    import fmtransfer.run  # noqa: F401  (registers every component)
-    from fmtransfer.registry import METHODS, MODELS, RECIPES, TASKS
-
-    out = [RunConfig, TrainConfig, TeacherConfig, TaskConfig]
-    for reg in (METHODS, MODELS, RECIPES, TASKS):
-        out += [reg.get(n).config_cls for n in reg.names()]
-    return out
-
-
 def test_every_numeric_option_has_a_range_that_holds_its_default() -> None:
-    for cls in _config_classes():
+    for cls in config_classes():
         assert numeric_fields_without_range(cls) == [], cls.__name__
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
@@ -39,6 +29,12 @@ def test_every_numeric_option_has_a_range_that_holds_its_default() -> None:
             for v in values:
                 if rng is not None and isinstance(v, (int, float)) and not isinstance(v, bool):
                     assert rng.ok(v), f"{cls.__name__}.{f.name} = {v} is outside {rng.text()}"
+
+
+def test_the_docs_list_every_range() -> None:
+    doc = (REPO / "docs" / "reliability.md").read_text()
+    assert markdown_table() in doc, "regenerate the table: python -c 'from fmtransfer.ranges import *; " \
+                                    "print(markdown_table())'"
 
 
 @pytest.mark.parametrize(("override", "message"), [

@@ -143,10 +143,37 @@ def range_table(classes: list[type]) -> list[tuple[str, str, str]]:
         for f in dataclasses.fields(cls):
             rng = range_for(f, hints[f.name])
             if _numeric(hints[f.name]):
-                rows.append((cls.__name__, f.name, rng.text() if rng is not None else "NO RANGE"))
+                text = rng.text() if rng is not None else "NO RANGE"
+                if type(None) in typing.get_args(hints[f.name]):
+                    text += " or null"
+                if typing.get_origin(hints[f.name]) in (list, tuple):
+                    text = f"items {text}"
+                rows.append((cls.__name__, f.name, text))
     return rows
 
 
 def numeric_fields_without_range(cls: type) -> list[str]:
     hints = typing.get_type_hints(cls)
     return [f.name for f in dataclasses.fields(cls) if _numeric(hints[f.name]) and range_for(f, hints[f.name]) is None]
+
+
+def config_classes() -> list[type]:
+    """The run config's own sections and every registered component's config (imports every component)."""
+    import fmtransfer.run  # noqa: F401  (registers every component)
+    from fmtransfer.config import RunConfig, TaskConfig, TeacherConfig, TrainConfig
+    from fmtransfer.registry import METHODS, MODELS, RECIPES, TASKS
+
+    out: list[type] = [RunConfig, TrainConfig, TeacherConfig, TaskConfig]
+    for reg in (METHODS, MODELS, RECIPES, TASKS):
+        out += [reg.get(n).config_cls for n in reg.names() if reg.get(n).config_cls not in out]
+    return out
+
+
+def markdown_table() -> str:
+    """One row per config class: `field` range, ... (docs/reliability.md holds this table verbatim)."""
+    lines = ["| config (section) | numeric options and their allowed ranges |", "|---|---|"]
+    for cls in config_classes():
+        rows = range_table([cls])
+        if rows:
+            lines.append(f"| {cls.__name__} | " + "; ".join(f"`{f}` {r}" for _, f, r in rows) + " |")
+    return "\n".join(lines)
