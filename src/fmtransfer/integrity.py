@@ -10,7 +10,7 @@ receipts existed, or by hand) is accepted unless the caller requires one: receip
 damage, not against someone who edits both files.
 
 This module needs only the standard library (the serving loader imports it).
-CRC32 (zlib) reads about 1.5 GB/s here (docs/cache.md); a file that passed is not read again by the same
+CRC32 (zlib) costs about 1 s per GB here (docs/cache.md); a file that passed is not read again by the same
 process while its size and mtime stay put.
 """
 
