@@ -252,3 +252,14 @@ def test_serve_bench_names_a_damaged_fm_weight_file(tiny_bert: str, tmp_path: Pa
     out = capsys.readouterr()
     assert "FM path not measured: teacher 'fm':" in out.out and "weights.safetensors does not load" in out.out
     assert "Traceback" not in out.err
+
+
+def test_a_damaged_receipts_file_is_named_not_dropped(finished: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    run = _copy(finished, tmp_path / "run")
+    (run / "metrics.json").unlink()  # an unfinished run whose receipts.json got damaged
+    (run / "receipts.json").write_text("{not json")
+    cache = f"cache_dir={finished.parent / 'cache'}"
+    assert main(["run", str(TINY), "--out", str(run), "--resume", "--set", cache]) == 2
+    err = capsys.readouterr().err
+    assert "receipts.json is unreadable; delete it to accept the files beside it" in err and err.count("\n") == 1

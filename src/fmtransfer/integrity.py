@@ -92,7 +92,11 @@ def publish(path: str | Path, write: Callable[[Path], None]) -> None:
     try:
         write(tmp)
         new = receipt_of(tmp)
-        files = read_receipts(folder) or {}
+        files = read_receipts(folder)
+        if files == {}:  # rewriting it would drop the receipts of the other files: never check them silently
+            raise ArtifactError(f"{folder / RECEIPTS_NAME} is unreadable; delete it to accept the files beside it "
+                                "as they are (their receipts are lost)")
+        files = files or {}
         files[name] = [new, *files.get(name, [])[:1]]  # both the new and the old bytes are valid for a moment
         _write_receipts(folder, files)
         _maybe_die(name)
