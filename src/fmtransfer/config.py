@@ -18,7 +18,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from fmtransfer.config_checks import UniqueKeyLoader, check_device, null_section
+from fmtransfer.config_checks import UniqueKeyLoader, check_devices, null_section
 from fmtransfer.errors import ConfigError
 from fmtransfer.ranges import above, at_least, check_value
 
@@ -404,9 +404,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     apply_overrides(data, overrides or [])
     cfg = from_dict(RunConfig, data)
     if machine_checks:
-        check_device(cfg.train.device)
-        for name, t in cfg.teachers.items():
-            check_device(t.train.device, f"teachers.{name}.train.device")
+        check_devices(cfg)
     return cfg
 
 

@@ -73,3 +73,10 @@ def check_device(spec: str, where: str = "train.device") -> None:
                               f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"{where}: 'mps' but this machine has no usable Apple GPU; use device: auto or cpu")
+
+
+def check_devices(cfg: Any) -> None:
+    """Every device a run config names (the run's loop and each teacher's) exists on this machine."""
+    check_device(cfg.train.device)
+    for name, t in cfg.teachers.items():
+        check_device(t.train.device, f"teachers.{name}.train.device")
