@@ -176,3 +176,17 @@ def test_bad_table_values_name_the_column(tmp_path: Path, capsys: pytest.Capture
     assert torch.isfinite(task.features["num"]).all() and task.features["num"].abs().sum() > 0  # type: ignore[attr-defined]
     _table(tmp_path, _csv(label=lambda i: "" if i < 3 else i % 2), **base)
     assert "label column 'y' is empty in 3 of 30 rows" in capsys.readouterr().err
+
+
+def test_fuzzed_tiny_runs_finish_or_fail_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The same fuzzer through `run` on the tiny config (half the overrides plausible scalings, so some train)."""
+    codes = {0: 0, 2: 0}
+    for i, (path, overrides) in enumerate(fuzz_cases(8, seed=2, configs=[TINY], plausible=0.6)):
+        args = ["run", str(path), "--out", str(tmp_path / f"r{i}"), "--set", f"cache_dir={tmp_path / 'c'}",
+                *[a for o in overrides for a in ("--set", o)]]
+        code = main(args)
+        err = capsys.readouterr().err
+        assert code in (0, 2), (args, err)
+        assert len(err.strip().splitlines()) <= 2 and "Traceback" not in err, (args, err)
+        codes[code] += 1
+    assert codes[0] >= 1 and codes[2] >= 1, codes
