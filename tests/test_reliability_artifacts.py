@@ -128,8 +128,10 @@ def test_export_refuses_an_emptied_config_and_damaged_weights(finished: Path, tm
     assert main(["export", str(run), "--out", str(tmp_path / "e3")]) == 2
     err = capsys.readouterr().err
     assert "student.safetensors is corrupt or altered" in err and err.count("\n") == 1
-    # a good export, then its manifest edited by hand: refused by the loader
+    # a good export (a killed export's temp folder beside it is removed), then its manifest edited by hand
+    (tmp_path / ".ok.tmp999").mkdir()
     assert main(["export", str(finished), "--out", str(tmp_path / "ok")]) == 0
+    assert not (tmp_path / ".ok.tmp999").exists()
     from fmtransfer.serving.loader import load_predictor
     from fmtransfer.serving.manifest import ExportError
 

@@ -27,6 +27,7 @@ from fmtransfer.config import RunConfig, load_config, to_dict
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import FmtError
 from fmtransfer.integrity import record
+from fmtransfer.locks import remove_stale_dirs
 from fmtransfer.runfiles import check_run_files
 from fmtransfer.serving.formats import WRITERS
 from fmtransfer.serving.loader import load_predictor
@@ -281,6 +282,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, formats: str | Sequence
             "inputs": ",".join(inputs)}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    remove_stale_dirs(out)  # temp folders of a killed export to the same --out
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
