@@ -11,7 +11,7 @@ damage, not against someone who edits both files.
 
 This module needs only the standard library (the serving loader imports it).
 CRC32 (zlib) costs about 1 s per GB here (docs/cache.md); a file that passed is not read again by the same
-process while its size and mtime stay put.
+process while its size, times and inode stay put.
 """
 
 from __future__ import annotations
@@ -139,14 +139,14 @@ def check(path: str | Path, required: bool = False) -> str | None:
     st = path.stat()
     if all(r.get("bytes") != st.st_size for r in listed):
         return f"it holds {st.st_size} bytes, its receipt says {listed[0].get('bytes')}"
-    crc = _cached_crc(str(path), st.st_size, st.st_mtime_ns)
+    crc = _cached_crc(str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
     if all(r.get("crc32") != crc for r in listed):
         return "its CRC32 does not match its receipt: the bytes changed after it was written"
     return None
 
 
 @lru_cache(maxsize=256)
-def _cached_crc(path: str, size: int, mtime_ns: int) -> int:
+def _cached_crc(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> int:
     return crc32_file(path)
 
 
