@@ -168,6 +168,12 @@ def test_bad_table_values_name_the_column(tmp_path: Path, capsys: pytest.Capture
         _table(tmp_path, "y,num,num\n" + "".join(f"{i % 2},{i},{i}\n" for i in range(30)), label="y", numeric=["num"])
     with pytest.raises(DataError, match=r"not UTF-8 text \(byte b'\\xff' at offset"):
         _table(tmp_path, _csv().encode().replace(b"word1", b"w\xffrd"), **base)
+    jl = tmp_path / "t.jsonl"
+    jl.write_text("".join(f'{{"y": {i % 2}, "num": {i}, "num": {i + 1}}}\n' for i in range(30)))
+    from fmtransfer.data.table import TableConfig, build_table
+
+    with pytest.raises(DataError, match="line 1 holds key 'num' twice"):
+        build_table(TableConfig(path=str(jl), label="y", numeric=["num"]))
     capsys.readouterr()
     task = _table(tmp_path, _csv(num=lambda i: "" if i < 4 else i, txt=lambda i: ""), **base)
     err = capsys.readouterr().err

@@ -1,14 +1,16 @@
 """Checks of a user table before it becomes a task: bad values get one line naming the column.
 
-Errors (DataError, exit 2): duplicate column names, inf in a numeric or label column, a label column
-with a single class. Warnings (one `fmtransfer: warning:` line each, rank 0 only): missing labels (those
-rows are left out), missing numeric values (read as the training mean), a text column that is empty in
-every row, a labeled subset that holds a single class. Non-UTF-8 bytes are refused by `read_table`.
+Errors (DataError, exit 2): duplicate column names (a CSV header, a key twice in a JSONL object), inf
+in a numeric or label column, a label column with a single class. Warnings (one `fmtransfer: warning:`
+line each, rank 0 only): missing labels (those rows are left out), missing numeric values (read as the
+training mean), a text column that is empty in every row, a labeled subset that holds a single class.
+Non-UTF-8 bytes are refused by `read_table`.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import sys
 from collections import Counter
@@ -36,6 +38,28 @@ def csv_header_duplicates(path: Path) -> list[str]:
     return [name for name, n in Counter(header).items() if n > 1]
 
 
+def jsonl_duplicate_key(path: Path) -> tuple[str, int] | None:
+    """(key, line) of the first JSON object in a JSONL file that holds a key twice (JSON keeps the last)."""
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen = Counter(k for k, _ in items)
+        dup = next((k for k, n in seen.items() if n > 1), None)
+        if dup is not None:
+            raise KeyError(dup)
+        return dict(items)
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        json.loads(line, object_pairs_hook=pairs)
+                    except KeyError as e:
+                        return str(e.args[0]), i
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None  # read_table already named an unreadable file
+    return None
+
+
 def _floats(series: Any) -> np.ndarray | None:
     try:
         return series.astype(float).to_numpy()
@@ -51,6 +75,10 @@ def check_table(df: Any, cfg: Any) -> None:
         dups = csv_header_duplicates(Path(where))
     if dups:
         raise DataError(f"task.path {where!r}: column {dups[0]!r} appears twice; rename one of them")
+    if Path(where).suffix.lower() in (".jsonl", ".json"):
+        dup = jsonl_duplicate_key(Path(where))
+        if dup is not None:
+            raise DataError(f"task.path {where!r}: line {dup[1]} holds key {dup[0]!r} twice; keep one")
     label = df[cfg.label]
     missing = int(label.isna().sum())
     if missing:
