@@ -111,6 +111,7 @@ def category_codes(values: Any, vocab: list[str], start: int, unknown: int | Non
     mapped = pd.Series(values).astype("string").map(index)
     if unknown is None and mapped.isna().any():
         bad = pd.Series(values)[mapped.isna().to_numpy()].iloc[0]
+        bad = bad.item() if isinstance(bad, np.generic) else bad
         raise DataError(f"column {column!r}: value {bad!r} is not in the model's vocabulary ({len(vocab)} known "
                         "values) and this model has no unknown bucket; pass a known value")
     return mapped.fillna(unknown if unknown is not None else 0).astype(np.int64).to_numpy().copy()
@@ -173,8 +174,7 @@ def image(values: Any, shape: list[int], scale: float, column: str) -> np.ndarra
         if isinstance(values, np.ndarray):
             x = values.astype(np.float32)
         else:
-            x = np.stack([np.asarray(v, dtype=np.float32) for v in values]) if len(values) else \
-                np.zeros((0, *shape), np.float32)
+            x = np.stack([_pixels(v) for v in values]) if len(values) else np.zeros((0, *shape), np.float32)
     except (TypeError, ValueError):
         raise DataError(f"column {column!r}: every row must be a numeric pixel array of shape {tuple(shape)}") from None
     size = int(np.prod(shape))
@@ -186,6 +186,14 @@ def image(values: Any, shape: list[int], scale: float, column: str) -> np.ndarra
     if len(x) and (x.min() < 0 or x.max() > scale):
         raise DataError(f"column {column!r}: pixel values must lie in [0, {scale:g}] (raw pixel values)")
     return (x / np.float32(scale))[:, None]
+
+
+def _pixels(v: Any) -> np.ndarray:
+    """One image as float32: a nested list, an array, or an array of row arrays (Parquet list columns)."""
+    a = np.asarray(v)
+    if a.dtype == object:
+        a = np.stack([np.asarray(r) for r in a])
+    return a.astype(np.float32)
 
 
 def joined_texts(columns: Mapping[str, Any], names: list[str], join: str) -> list[str]:

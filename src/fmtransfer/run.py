@@ -1,8 +1,8 @@
 """`fmtransfer run`: one experiment from config to metrics.json, the same under python and torchrun.
 
 DIR/config.yaml (resolved), DIR/log.jsonl, DIR/checkpoint.pt (every epoch), DIR/student.safetensors
-(the student alone, best validation epoch) and DIR/metrics.json (written last: its presence means
-the run finished).
+(the student alone, best validation epoch), DIR/preprocessing.json (the task's fitted encoders, where it
+records them) and DIR/metrics.json (written last: its presence means the run finished).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ConfigError
 from fmtransfer.evaluate import gap_recovered
 from fmtransfer.registry import METHODS, MODELS, TASKS
+from fmtransfer.serving.manifest import PREPROCESSING_NAME
 from fmtransfer.teachers.base import PreparedTeacher, prepare_teacher
 from fmtransfer.train.distributed import DistContext, init_distributed, shutdown
 from fmtransfer.train.loop import fit, predict_rows
@@ -192,6 +193,8 @@ def _run(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool)
 
     metrics = _metrics(cfg, task, teachers, best, last, result, (n_student, n_trainable), ctx,
                        {"cache": t_cache, "train": t_train, "eval": t_eval})
+    metrics["shipped_model"] = {"class": f"{type(student).__module__}:{type(student).__qualname__}",
+                                "built_by": "method" if own_model else "student"}  # what export must rebuild
     if diagnostics is not None or report:
         metrics["method_diagnostics"] = (diagnostics or {}) | (report or {})
         metrics["teacher_forward"]["skipped"] = (diagnostics or {}).get("pairs_skipped", 0)
@@ -200,6 +203,8 @@ def _run(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool)
                          if k.startswith("student.")}
         save_file(student_state, str(out / "student.safetensors"),
                   metadata={"task": task.name, "method": cfg.method.name, "model": cfg.student.name})
+        if task.meta.get("preprocessing") is not None:  # the fitted encoders: export checks and ships them
+            atomic_write_json(out / PREPROCESSING_NAME, task.meta["preprocessing"])
         if cfg.method.name == "student":
             atomic_write_json(_reference_path(cfg, task), {"metric": task.metric, "test": best["test"],
                                                            "ood": best["ood"], "run": str(out)})

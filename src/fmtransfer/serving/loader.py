@@ -2,9 +2,10 @@
 
 `load_student(DIR)` rebuilds the student's own class from the manifest and `student.safetensors`;
 `load_predictor(DIR, fmt)` wraps it, the ONNX file (onnxruntime) or the TorchScript file behind one
-`predict(features) -> np.ndarray`. Of fmtransfer this imports only the student's model module (named in
-the manifest), `fmtransfer.config` (its config dataclass) and `fmtransfer.data.base` (the schema the
-class is built from): never `fmtransfer.train`, `.methods`, `.teachers` or `.run` (a test checks).
+`predict(rows)` / `predict_proba(rows)` on raw rows. Of fmtransfer this imports only the student's model
+module (named in the manifest), `fmtransfer.config` (its config dataclass), `fmtransfer.data.base` (the
+schema the class is built from) and `fmtransfer.preprocess` (the encoders the task's features were made
+with): never `fmtransfer.train`, `.methods`, `.teachers` or `.run` (a test checks).
 """
 
 from __future__ import annotations
@@ -19,7 +20,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from fmtransfer.serving.manifest import ExportError, Manifest, checked_file, one_line, read_manifest
+from fmtransfer.errors import DataError
+from fmtransfer.preprocess import encode, identity_spec, raw_columns
+from fmtransfer.serving.manifest import (
+    EXPORT_INSTALL,
+    ExportError,
+    Manifest,
+    checked_file,
+    one_line,
+    read_manifest,
+)
 
 TRUSTED_MODULES = ("fmtransfer.",)
 """Module prefixes whose classes a manifest may name (pass your own package to load your own models)."""
@@ -86,7 +96,14 @@ def load_student(export_dir: str | Path, trusted: tuple[str, ...] = TRUSTED_MODU
 
 
 class Predictor:
-    """One exported student in one format: `predict({view: array}) -> np.ndarray` (N,) or (N, C)."""
+    """One exported model in one format.
+
+    Raw rows in (a dict of columns, a pandas DataFrame or a list of dicts, with the task's source columns):
+    `predict(rows)` gives class labels (classification) or clipped predictions (regression), `predict_proba(rows)`
+    the class probabilities, `outputs(rows)` the raw outputs; the manifest's encoders (`fmtransfer.preprocess`,
+    the code the task built its features with) turn the rows into feature views first. `predict_features(views)`
+    skips that step and takes the views themselves.
+    """
 
     fmt = ""
 
@@ -94,19 +111,29 @@ class Predictor:
         self.manifest = manifest
         self.inputs = list(manifest.inputs)
         self._specs = [(n, np.dtype(manifest.features[n]["dtype"]), tuple(manifest.features[n]["shape"]),
-                        manifest.task.get("cardinalities", {}).get(n)) for n in self.inputs]
+                        manifest.task.get("cardinalities", {}).get(n), bool(manifest.features[n].get("variable")))
+                       for n in self.inputs]
         rng = manifest.output.get("clip")
         self._clip = tuple(rng) if rng else None
+        self.encoders = row_encoders(manifest)
+        self.columns = raw_columns(self.encoders)
+        """The raw columns `predict` reads."""
+        labels = self.encoders.get("labels")
+        n_cls = manifest.task.get("num_classes")
+        self.classes: list[Any] | None = None if manifest.task["type"] == "regression" else \
+            list(labels) if labels else list(range(int(n_cls or 0)))
+        """Class labels in output order (None for regression)."""
 
     def prepare(self, features: Mapping[str, Any]) -> list[np.ndarray]:
         """The input views as contiguous arrays of the manifest's dtypes, checked against its schema."""
         arrays, n = [], None
-        for name, dtype, shape, card in self._specs:
+        for name, dtype, shape, card, variable in self._specs:
             if name not in features:
                 raise ExportError(f"input {name!r} is missing (the student reads: {', '.join(self.inputs)})")
             a = np.ascontiguousarray(np.asarray(features[name]), dtype=dtype)
-            if a.shape[1:] != shape or (n is not None and len(a) != n):
-                want = "(N" + "".join(f", {d}" for d in shape) + ")"
+            fits = a.shape[1:] == shape or (variable and a.ndim == len(shape) + 1 and a.shape[-1] >= 1)
+            if not fits or (n is not None and len(a) != n):
+                want = "(N" + "".join(", L" if variable else f", {d}" for d in shape) + ")"
                 raise ExportError(f"input {name!r} has shape {a.shape}, expected {want} with one N for every input")
             if card is not None and dtype.kind in "iu" and len(a) and (a.min() < 0 or a.max() >= card):
                 raise ExportError(f"input {name!r} holds ids outside [0, {card}); map unknown ids before calling")
@@ -114,10 +141,39 @@ class Predictor:
             arrays.append(a)
         return arrays
 
-    def predict(self, features: Mapping[str, Any], clip: bool = False) -> np.ndarray:
-        """Raw outputs (regression: the prediction; classification: logits); `clip` applies the output range."""
+    def predict_features(self, features: Mapping[str, Any], clip: bool = False) -> np.ndarray:
+        """Raw outputs (regression: the prediction; classification: logits) of feature views; `clip` applies
+        the output range."""
         out = self._run(self.prepare(features))
         return np.clip(out, *self._clip) if clip and self._clip else out
+
+    def encode(self, rows: Any) -> dict[str, np.ndarray]:
+        """Raw rows -> the feature views the model reads (the training-time preprocessing)."""
+        try:
+            return encode(self.encoders, rows)
+        except DataError as e:
+            raise ExportError(str(e)) from None
+
+    def outputs(self, rows: Any) -> np.ndarray:
+        """Raw outputs of raw rows: logits (N, C) for classes, the clipped prediction (N,) for regression."""
+        return self.predict_features(self.encode(rows), clip=True)
+
+    def predict(self, rows: Any) -> np.ndarray:
+        """Class labels (classification) or predictions (regression) of raw rows."""
+        return self.decide(self.outputs(rows))
+
+    def predict_proba(self, rows: Any) -> np.ndarray:
+        """Class probabilities (N, C) of raw rows, columns in the order of `classes`."""
+        if self.classes is None:
+            raise ExportError("predict_proba: this model predicts a number (regression); use predict")
+        return softmax(self.outputs(rows))
+
+    def decide(self, out: np.ndarray) -> np.ndarray:
+        """Raw outputs -> labels (argmax, mapped to `classes`) or the regression value itself."""
+        if self.classes is None:
+            return out
+        return np.asarray(self.classes, dtype=object if any(isinstance(c, str) for c in self.classes)
+                          else None)[out.argmax(-1)]
 
     def _run(self, arrays: list[np.ndarray]) -> np.ndarray:
         raise NotImplementedError
@@ -158,6 +214,24 @@ class OnnxPredictor(Predictor):
         return self.session.run(None, dict(zip(self.inputs, arrays, strict=True)))[0]
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(-1, keepdims=True)).astype(np.float32)
+
+
+def row_encoders(manifest: Manifest) -> dict[str, Any]:
+    """The manifest's encoders, cut to the steps that write a view the model reads; an export without any
+    (a task that records none) reads each input view as a raw column of its own."""
+    spec = (manifest.preprocessing or {}).get("encoders")
+    if not spec:
+        labels = (manifest.task.get("meta") or {}).get("classes") or None
+        return identity_spec({n: (manifest.features[n]["dtype"], manifest.features[n]["shape"])
+                              for n in manifest.inputs}, labels)
+    steps = [s for s in spec["steps"] if set(s.get("views") or [s.get("view")]) & set(manifest.inputs)]
+    return dict(spec) | {"steps": steps}
+
+
 def load_predictor(export_dir: str | Path, fmt: str = "safetensors", threads: int | None = None,
                    trusted: tuple[str, ...] = TRUSTED_MODULES) -> Predictor:
     """A Predictor for one format of an export folder; `threads` sets onnxruntime's intra-op threads."""
@@ -176,7 +250,7 @@ def load_predictor(export_dir: str | Path, fmt: str = "safetensors", threads: in
     try:
         import onnxruntime as ort
     except ImportError:
-        raise ExportError("reading ONNX exports needs onnxruntime: pip install 'fmtransfer[export]'") from None
+        raise ExportError(f"reading ONNX exports needs onnxruntime: {EXPORT_INSTALL}") from None
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:

