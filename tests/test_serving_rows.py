@@ -215,3 +215,42 @@ def test_raw_rows_are_served_without_training_code(made: dict[str, Any]) -> None
     rows = [{"product": "hat", "region": "EU", "x": 0.5}, {"product": "new", "region": "US", "x": -1.0}]
     assert out["labels"] == [str(v) for v in here.predict(rows)]
     assert np.abs(np.array(out["p"]) - here.predict_proba(rows)).max() <= 1e-6
+
+
+@pytest.mark.parametrize("method", ["levi", "mlp_probe"])
+def test_frozen_fm_method_runs_export_and_predict_raw_text(method: str, tiny_bert: str, tmp_path: Path) -> None:
+    """A method's own model (levi: the frozen FM's tapped layers + the small mlp) exports with the encoder
+    referenced, not copied, and serves raw rows (the small model's columns + the text) like the run."""
+    from fmtransfer.export import export_run
+    from fmtransfer.run import build_task, run_experiment
+    from fmtransfer.serving.loader import load_predictor
+    from fmtransfer.serving.predict_file import predict_file
+    from tests.conftest import TINY
+
+    cfg = load_config(TINY, [f"cache_dir={tmp_path / 'cache'}", f"method={{name: {method}, encoder: {tiny_bert}}}",
+                             "train.epochs=2"])
+    metrics = run_experiment(cfg, tmp_path / "run", quiet=True)
+    assert metrics["shipped_model"]["built_by"] == "method"
+    with pytest.raises(ExportError, match="ONNX and TorchScript do not hold"):
+        export_run(tmp_path / "run", tmp_path / "bad", "onnx")
+    man = export_run(tmp_path / "run", tmp_path / "export")
+    assert man.model["fm"]["fingerprint"] and man.model["class"].endswith("fm_serve:ServedFM")
+    weights = set(__import__("safetensors.torch").torch.load_file(str(tmp_path / "export" / "student.safetensors")))
+    assert not any(k.startswith(("net.", "taps.net", "encoder.")) for k in weights)  # the encoder is not copied
+    check = man.metrics["exported"]["safetensors"]
+    assert check["raw_rows_checked"] and check["max_abs_diff"] <= 0.02
+    assert abs(check["cached_test"]["accuracy"] - metrics["test"]["accuracy"]) <= 0.5e-4
+    task = build_task(cfg)
+    rows = task.splits["test"]
+    frame = pd.DataFrame({"x": list(task.features["x"][rows].numpy()), "user": task.features["user"][rows].numpy(),
+                          "text": [task.texts["row"].texts[i] for i in rows.tolist()]})
+    pred = load_predictor(tmp_path / "export")
+    assert set(pred.columns) == ({"x", "user", "text"} if method == "levi" else {"text"})
+    frame.to_json(tmp_path / "rows.jsonl", orient="records", lines=True)
+    predict_file(tmp_path / "export", tmp_path / "rows.jsonl", tmp_path / "preds.csv")
+    got = pd.read_csv(tmp_path / "preds.csv")
+    acc = float((torch.tensor(got["prediction"].to_numpy()) == task.y[rows]).float().mean())
+    assert abs(acc - metrics["test"]["accuracy"]) <= 0.02  # live fp32 features vs the run's fp16 cache
+    assert np.allclose(got[["prob_0", "prob_1"]].to_numpy().sum(1), 1, atol=1e-5)
+    with pytest.raises(ExportError, match="input column 'text' is missing"):
+        pred.predict(frame.drop(columns=["text"]))

@@ -26,6 +26,8 @@ from torch import nn
 from fmtransfer.config import RunConfig, load_config, to_dict
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import FmtError
+from fmtransfer.export_fm import build_own_model, builds_own_model, fm_model_record, text_step, verify_fm_export
+from fmtransfer.preprocess import identity_spec
 from fmtransfer.serving.formats import WRITERS
 from fmtransfer.serving.loader import load_predictor
 from fmtransfer.serving.manifest import (
@@ -296,6 +298,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, formats: str | Sequence
         raise ExportError(f"{run.path}: config.yaml builds task {task.name!r}, metrics.json is of "
                           f"{run.metrics['task']!r}; run the experiment again")
     check_encoders(run, task)
+    if builds_own_model(run.cfg.method.name):  # levi, the probes: a frozen-FM model of the method's own
+        return _export_fm_run(run, task, out, fmts)
     model = build_student(run, task)
     inputs = read_inputs(model, task)
     manifest = _manifest(run, task, model, inputs)
@@ -312,6 +316,43 @@ def export_run(run_dir: str | Path, out_dir: str | Path, formats: str | Sequence
             manifest.files[fmt] = file_record(tmp / FILE_NAMES[fmt]) | info
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
         verify_export(tmp, manifest, task, model, run)
+        (tmp / MANIFEST_NAME).write_text(manifest.to_json())
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _export_fm_run(run: FinishedRun, task: TaskData, out: Path, fmts: list[str]) -> Manifest:
+    """A method's own frozen-FM model, served on raw texts (export_fm.py); safetensors only."""
+    if fmts != ["safetensors"]:
+        raise ExportError(f"--format {','.join(fmts[1:])}: a {run.cfg.method.name} model runs its FM's tokenizer, "
+                          "which ONNX and TorchScript do not hold; export safetensors (the default)")
+    model = build_own_model(run, task)
+    batch = _ReadRecorder(task.gather(task.splits["test"][:4]))
+    with torch.no_grad():
+        model(batch)
+    inputs = [f for f in task.features if f in batch.read]
+    manifest = _manifest(run, task, model, inputs)
+    manifest.model = fm_model_record(run, model)
+    spec = task.meta.get("preprocessing") or identity_spec(
+        {n: (manifest.features[n]["dtype"], manifest.features[n]["shape"]) for n in inputs},
+        (task.meta.get("classes") or None))  # type: ignore[arg-type]
+    steps = [s for s in spec["steps"] if set(s.get("views") or [s.get("view")]) & set(inputs)]  # type: ignore[index]
+    view = getattr(run.cfg.method, "view", None) or next(iter(task.texts))
+    manifest.preprocessing["encoders"] = dict(spec) | {"steps": [*steps, text_step(task, view)]}  # type: ignore[arg-type]
+    meta = {"format": "fmtransfer-student", "task": task.name, "model": run.cfg.method.name, "inputs": ",".join(inputs)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        WRITERS["safetensors"](model, inputs, (), tmp / FILE_NAMES["safetensors"], meta)
+        manifest.files["safetensors"] = file_record(tmp / FILE_NAMES["safetensors"])
+        (tmp / MANIFEST_NAME).write_text(manifest.to_json())
+        verify_fm_export(tmp, manifest, task, model, run)
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
         if out.exists():
             out.rmdir()

@@ -17,6 +17,8 @@ writes views; its `op` is one of:
 - `image`: a pixel array per row (values 0..scale) -> float32 (N, C, H, W) / scale.
 - `text_length`: joined text columns -> z-scored character count (float32).
 - `identity`: a column that already is the view (dtype and per-row shape are checked).
+- `text`: text columns joined -> the texts a served foundation model reads (view `__text__`).
+A spec may also name, under `texts`, the raw columns (and separator) each of the task's text views joins.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import numpy as np
 from fmtransfer.errors import DataError
 
 SPEC_VERSION = 1
+TEXT_VIEW = "__text__"
+"""The view a `text` step writes: the texts a served foundation model reads (an object array of str)."""
 PAD = -1
 HASH = "crc32-31bit"
 _TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[!?]")
@@ -215,9 +219,11 @@ def _missing(v: Any) -> bool:
 # ------------------------------------------------------------------------------------------ the spec
 
 
-def make_spec(steps: list[dict[str, Any]], labels: list[Any] | None = None) -> dict[str, Any]:
-    """The JSON spec a task records: its steps and the class labels in output order (None: regression)."""
-    return {"version": SPEC_VERSION, "steps": steps, "labels": labels}
+def make_spec(steps: list[dict[str, Any]], labels: list[Any] | None = None,
+              texts: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The JSON spec a task records: its steps, the class labels in output order (None: regression) and,
+    per text view of the task, the raw columns it joins ({view: {columns, join}})."""
+    return {"version": SPEC_VERSION, "steps": steps, "labels": labels, "texts": texts or {}}
 
 
 def identity_spec(features: Mapping[str, tuple[str, list[int]]], labels: list[Any] | None) -> dict[str, Any]:
@@ -287,6 +293,8 @@ def encode_step(step: Mapping[str, Any], cols: Mapping[str, Any], n: int) -> dic
     if op == "text_length":
         lengths = np.array([len(t) for t in joined_texts(cols, step["columns"], step["join"])], np.float32)
         return {step["view"]: (lengths - np.float32(step["mean"])) / np.float32(step["std"])}
+    if op == "text":
+        return {step["view"]: np.array(joined_texts(cols, step["columns"], step["join"]) or [], dtype=object)}
     if op == "identity":
         try:
             a = np.asarray(cols[col], dtype=step["dtype"])

@@ -207,6 +207,6 @@ def build_reviews(cfg: ReviewsConfig) -> TaskData:
         meta={"rows": len(all_texts), "ngram_views": list(views), "hash": "crc32-31bit", "pad": PAD,
               "positive_rate_train": float(y[labeled].mean()) if len(labeled) else None,
               "preprocessing": make_spec([ngram_step(["text"], cfg.word_ngrams, cfg.char_ngrams, cfg.max_tokens)],
-                                         labels=[0, 1])},
+                                         labels=[0, 1], texts={"row": {"columns": ["text"], "join": ". "}})},
         raw=lambda rows: {"text": [all_texts[i] for i in rows.tolist()]},
     )

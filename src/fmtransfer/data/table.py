@@ -149,7 +149,8 @@ def build_table(cfg: TableConfig) -> TaskData:
         lengths = np.array([len(t) for t in texts["row"].texts], np.float32)
         steps.append({"op": "text_length", "columns": list(cfg.text), "join": TEXT_JOIN, "view": "text_length",
                       "mean": float(lengths.mean()), "std": float(lengths.std() or 1.0)})
-    spec = make_spec(steps, labels=classes if cfg.kind == "classification" else None)
+    spec = make_spec(steps, labels=classes if cfg.kind == "classification" else None,
+                     texts={"row": {"columns": list(cfg.text), "join": TEXT_JOIN}} if cfg.text else None)
     columns = [*cfg.categorical, *cfg.numeric, *cfg.text]
     features = {k: torch.from_numpy(v) for k, v in encode(spec, {c: df[c] for c in columns}).items()}
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fmtransfer.errors import DataError
-from fmtransfer.preprocess import encode, identity_spec, raw_columns
+from fmtransfer.preprocess import TEXT_VIEW, encode, identity_spec, raw_columns
 from fmtransfer.serving.manifest import (
     EXPORT_INSTALL,
     ExportError,
@@ -78,6 +78,8 @@ def load_student(export_dir: str | Path, trusted: tuple[str, ...] = TRUSTED_MODU
     from fmtransfer.config import from_dict
 
     manifest = read_manifest(export_dir)
+    if manifest.model.get("fm") is not None:
+        return _load_served_fm(export_dir, manifest, trusted)
     model_cls = import_object(manifest.model["class"], trusted)
     config_cls = import_object(manifest.model["config_class"], trusted)
     try:
@@ -93,6 +95,48 @@ def load_student(export_dir: str | Path, trusted: tuple[str, ...] = TRUSTED_MODU
         raise ExportError(f"{path}: weights do not fit {manifest.model['class']} ({one_line(e)}); "
                           "export the run again") from None
     return model.eval().requires_grad_(False)
+
+
+def _load_served_fm(export_dir: str | Path, manifest: Manifest, trusted: tuple[str, ...]) -> nn.Module:
+    """A frozen-FM model (levi, probes): its class and weights, wrapped with the live encoder of the package."""
+    from safetensors.torch import load_file
+
+    from fmtransfer.config import from_dict
+
+    rec, fm = manifest.model, manifest.model["fm"]
+    serve = importlib.import_module("fmtransfer.models.fm_serve")
+    from fmtransfer.models.hf_text import encoder_fingerprint
+
+    try:
+        found = encoder_fingerprint(fm["encoder"])
+    except Exception as e:
+        raise ExportError(f"the model's encoder {fm['encoder']!r} is not installed here ({one_line(e)}); install it "
+                          f"as for training (it was {fm['path']})") from None
+    if found != fm["fingerprint"]:
+        raise ExportError(f"encoder {fm['encoder']!r} here has files hashing to {found}, the export was made with "
+                          f"{fm['fingerprint']}; install the encoder the model was trained with")
+    task = schema_task(manifest)
+    try:
+        small = None
+        if rec.get("small"):
+            s = rec["small"]
+            small = import_object(s["class"], trusted)(from_dict(import_object(s["config_class"], trusted),
+                                                                 s["config"], "model.small.config"), task)
+        cfg = from_dict(import_object(rec["config_class"], trusted), rec["config"], "model.config")
+        model = serve.rebuild(import_object(rec["head_class"], trusted), cfg, task, fm, small)
+    except ExportError:
+        raise
+    except Exception as e:
+        raise ExportError(f"{export_dir}: cannot rebuild {rec['head_class']} from the manifest ({one_line(e)}); "
+                          "export the run again") from None
+    path = checked_file(export_dir, manifest, "safetensors")
+    try:
+        model.load_state_dict(load_file(str(path)), strict=True)
+    except Exception as e:
+        raise ExportError(f"{path}: weights do not fit {rec['head_class']} ({one_line(e)}); "
+                          "export the run again") from None
+    taps = serve.TextTaps(fm["encoder"], fm["paths"], fm["max_length"], fm["normalize"])
+    return serve.ServedFM(model.eval().requires_grad_(False), taps).eval()
 
 
 class Predictor:
@@ -144,7 +188,8 @@ class Predictor:
     def predict_features(self, features: Mapping[str, Any], clip: bool = False) -> np.ndarray:
         """Raw outputs (regression: the prediction; classification: logits) of feature views; `clip` applies
         the output range."""
-        out = self._run(self.prepare(features))
+        texts = features.get(TEXT_VIEW)
+        out = self._run(self.prepare(features), None if texts is None else [str(t) for t in texts])
         return np.clip(out, *self._clip) if clip and self._clip else out
 
     def encode(self, rows: Any) -> dict[str, np.ndarray]:
@@ -175,7 +220,7 @@ class Predictor:
         return np.asarray(self.classes, dtype=object if any(isinstance(c, str) for c in self.classes)
                           else None)[out.argmax(-1)]
 
-    def _run(self, arrays: list[np.ndarray]) -> np.ndarray:
+    def _run(self, arrays: list[np.ndarray], texts: list[str] | None = None) -> np.ndarray:
         raise NotImplementedError
 
 
@@ -186,9 +231,15 @@ class TorchPredictor(Predictor):
         super().__init__(manifest)
         self.model = model
 
-    def _run(self, arrays: list[np.ndarray]) -> np.ndarray:
+    def _run(self, arrays: list[np.ndarray], texts: list[str] | None = None) -> np.ndarray:
+        batch: dict[str, Any] = dict(zip(self.inputs, map(torch.from_numpy, arrays), strict=True))
+        if self.manifest.model.get("fm") is not None:  # a served FM model reads the raw texts too
+            if texts is None:
+                raise ExportError(f"this {self.manifest.model['name']} model reads texts: pass raw rows to predict "
+                                  f"(columns: {', '.join(self.columns)})")
+            batch[TEXT_VIEW] = texts
         with torch.inference_mode():
-            return self.model(dict(zip(self.inputs, map(torch.from_numpy, arrays), strict=True))).float().numpy()
+            return self.model(batch).float().numpy()
 
 
 class TorchScriptPredictor(Predictor):
@@ -198,7 +249,7 @@ class TorchScriptPredictor(Predictor):
         super().__init__(manifest)
         self.module = module
 
-    def _run(self, arrays: list[np.ndarray]) -> np.ndarray:
+    def _run(self, arrays: list[np.ndarray], texts: list[str] | None = None) -> np.ndarray:
         with torch.inference_mode():
             return self.module(*map(torch.from_numpy, arrays)).float().numpy()
 
@@ -210,7 +261,7 @@ class OnnxPredictor(Predictor):
         super().__init__(manifest)
         self.session = session
 
-    def _run(self, arrays: list[np.ndarray]) -> np.ndarray:
+    def _run(self, arrays: list[np.ndarray], texts: list[str] | None = None) -> np.ndarray:
         return self.session.run(None, dict(zip(self.inputs, arrays, strict=True)))[0]
 
 
@@ -228,7 +279,8 @@ def row_encoders(manifest: Manifest) -> dict[str, Any]:
         labels = (manifest.task.get("meta") or {}).get("classes") or None
         return identity_spec({n: (manifest.features[n]["dtype"], manifest.features[n]["shape"])
                               for n in manifest.inputs}, labels)
-    steps = [s for s in spec["steps"] if set(s.get("views") or [s.get("view")]) & set(manifest.inputs)]
+    wanted = {*manifest.inputs, TEXT_VIEW}
+    steps = [s for s in spec["steps"] if set(s.get("views") or [s.get("view")]) & wanted]
     return dict(spec) | {"steps": steps}
 
 

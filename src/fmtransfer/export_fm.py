@@ -1,0 +1,144 @@
+"""Export of runs whose method builds the shipped model around a frozen foundation model (levi, the probes).
+
+The run's `student.safetensors` holds that model's own weights (adapters, the small model, heads, feature
+norms), never the backbone's. Export rebuilds the model the training way (the method's `build_model`, the
+run's cached features), loads the weights strictly and checks it reproduces the run's test metric; then it
+wraps it with the live encoder (`models/fm_serve.ServedFM`: raw texts -> tapped features -> the model) and
+checks that path on the test split's raw rows. The manifest references the frozen encoder by package/path
+and file hash (a server installs it, as training did); it is not copied. Only safetensors is written: the
+graph holds a tokenizer that ONNX and TorchScript do not carry.
+Not exported yet (one-line refusal): image backbones, `lora: true` / `tune_backbone: true` (the backbone's
+weights then changed), `ensemble`, and the fine-tuning baselines (finetune, lp_ft, wise_ft, lora).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fmtransfer.config import to_dict
+from fmtransfer.data.base import TaskData
+from fmtransfer.serving.manifest import ExportError, Manifest, one_line
+
+FM_LIVE_ATOL = 0.02
+"""Largest |live - cached| output difference accepted on the test split: the cached features are fp16
+tables, the live path computes them in fp32 (measured on the tests' tiny BERT: below 2e-3)."""
+
+
+def builds_own_model(method_name: str) -> bool:
+    """True when the method ships a model of its own (its `build_model` is not the base class's)."""
+    from fmtransfer.methods.base import Method
+    from fmtransfer.registry import METHODS
+
+    impl = METHODS.get(method_name).impl
+    return impl.build_model.__func__ is not Method.build_model.__func__  # type: ignore[attr-defined]
+
+
+def _ref(obj: Any) -> str:
+    return f"{obj.__module__}:{obj.__qualname__}"
+
+
+def _model_config_class(cfg: Any) -> type:
+    """The nearest class of `cfg` defined under fmtransfer.models (a server never imports fmtransfer.methods)."""
+    for cls in type(cfg).__mro__:
+        if cls.__module__.startswith("fmtransfer.models."):
+            return cls
+    raise ExportError(f"method {cfg.name}: its config class lives outside fmtransfer.models; it cannot be served")
+
+
+def build_own_model(run: Any, task: TaskData) -> nn.Module:
+    """The method's shipped model, rebuilt the training way, with the run's weights (strict)."""
+    from fmtransfer.models.fm_heads import FMModel
+    from fmtransfer.registry import METHODS
+
+    name = run.cfg.method.name
+    model = METHODS.get(name).impl.build_model(run.cfg.method, run.cfg, task, torch.device("cpu"))
+    if not isinstance(model, FMModel) or model.fm_info.get("modality") != "text" or model.taps.live is not None:
+        raise ExportError(f"method {name}: exporting its model ({type(model).__name__}"
+                          f"{', ' + model.fm_info.get('modality', '') if isinstance(model, FMModel) else ''}) is not "
+                          "supported yet (served: levi, linear_probe, mlp_probe on a text FM, frozen); serve it "
+                          "from the run with fmtransfer's Python API")
+    try:
+        model.load_state_dict(run.state, strict=True)
+    except RuntimeError as e:
+        raise ExportError(f"{run.path / 'student.safetensors'} does not fit the {name} model in config.yaml "
+                          f"({one_line(e, 160)}); run the experiment again") from None
+    return model.eval().requires_grad_(False)
+
+
+def text_step(task: TaskData, view: str) -> dict[str, Any]:
+    """The preprocessing step that gives the FM its text: the raw columns the task joined into `view`."""
+    from fmtransfer.models.fm_serve import TEXT_KEY
+
+    recipe = ((task.meta.get("preprocessing") or {}).get("texts") or {}).get(view)  # type: ignore[union-attr]
+    recipe = recipe or {"columns": ["text"], "join": ". "}
+    return {"op": "text", "columns": list(recipe["columns"]), "join": recipe["join"], "view": TEXT_KEY}
+
+
+def served_model(model: nn.Module, cfg: Any) -> nn.Module:
+    from fmtransfer.models.fm_serve import ServedFM, TextTaps
+
+    return ServedFM(model, TextTaps(cfg.encoder, model.taps.names, cfg.max_length, cfg.normalize)).eval()  # type: ignore[arg-type]
+
+
+def fm_model_record(run: Any, model: nn.Module) -> dict[str, Any]:
+    """manifest.model for a served FM model: the wrapper, the trained model's class and config, the backbone."""
+    from fmtransfer.models.fm_serve import ServedFM, backbone_record
+    from fmtransfer.registry import MODELS
+
+    cfg = run.cfg.method
+    out: dict[str, Any] = {
+        "name": cfg.name, "class": _ref(ServedFM), "head_class": _ref(type(model)),
+        "config_class": _ref(_model_config_class(cfg)), "config": to_dict(cfg),
+        "params": sum(p.numel() for p in model.parameters()),
+        "fm": model.fm_info | backbone_record(cfg.encoder, model.taps.names, cfg.max_length, cfg.normalize)}  # type: ignore[operator]
+    small = getattr(model, "small", None)
+    if small is not None:
+        scfg = getattr(cfg, "small", None) or run.cfg.student
+        entry = MODELS.get(scfg.name)
+        out["small"] = {"name": scfg.name, "class": _ref(entry.impl), "config_class": _ref(entry.config_cls),
+                        "config": to_dict(scfg)}
+    return out
+
+
+def verify_fm_export(export_dir: Any, manifest: Manifest, task: TaskData, model: nn.Module, run: Any) -> None:
+    """The rebuilt (cached-feature) model must score the run's test metric; the served raw-text path must
+    agree with it within FM_LIVE_ATOL (fills manifest.metrics)."""
+    from fmtransfer.serving.loader import load_predictor
+    from fmtransfer.serving.manifest import METRIC_DECIMALS
+
+    m, rows, bs = task.metric, task.splits["test"], run.cfg.train.eval_batch_size
+    with torch.inference_mode():
+        ref = torch.cat([model(task.gather(rows[s:s + bs])).float() for s in range(0, len(rows), bs)])
+    run_value, tol = run.metrics["test"][m], 0.5 * 10 ** -METRIC_DECIMALS
+    rebuilt = task.score(ref, rows)[m]
+    if abs(rebuilt - run_value) > tol:
+        raise ExportError(f"the rebuilt {run.cfg.method.name} model scores test {m} {rebuilt:.5f}, metrics.json says "
+                          f"{run_value:.5f}: the task data, cache or code changed since the run; run it again")
+    pred = load_predictor(export_dir, "safetensors")
+    raw = raw_rows(task, rows, manifest)
+    out = np.concatenate([pred.outputs({k: v[s:s + bs] for k, v in raw.items()}) for s in range(0, len(rows), bs)])
+    cached = ref.clamp(*task.target_range) if task.task_type == "regression" and task.target_range else ref
+    diff = float(np.abs(out - cached.numpy()).max()) if len(rows) else 0.0
+    if diff > FM_LIVE_ATOL:
+        raise ExportError(f"the served {run.cfg.method.name} model (live encoder on raw texts) differs from the run's "
+                          f"cached-feature model by {diff:.2e} (> {FM_LIVE_ATOL}); report this as a bug")
+    manifest.metrics["exported"]["safetensors"] = {
+        "test": task.score(torch.from_numpy(out), rows), "max_abs_diff": diff, "rows": len(rows),
+        "raw_rows_checked": True, "cached_test": {m: rebuilt}, "tolerance_live_vs_cached": FM_LIVE_ATOL}
+
+
+def raw_rows(task: TaskData, rows: torch.Tensor, manifest: Manifest) -> dict[str, Any]:
+    """The raw columns of `rows` a served model reads: the task's own, plus the text column(s) of its FM."""
+    out: dict[str, Any] = dict(task.raw(rows)) if task.raw is not None else \
+        {k: task.features[k][rows].numpy() for k in manifest.inputs}
+    for step in manifest.preprocessing["encoders"]["steps"]:
+        if step["op"] == "text" and not all(c in out for c in step["columns"]):
+            view = manifest.model["config"].get("view") or next(iter(task.texts))
+            tv = task.texts[view]
+            idx = rows if tv.index == "row" else task.features[tv.index][rows]
+            out[step["columns"][0]] = [tv.texts[i] for i in idx.tolist()]
+    return out

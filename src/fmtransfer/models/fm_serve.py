@@ -1,0 +1,78 @@
+"""A shipped frozen-FM model (`linear_probe`, `mlp_probe`, `levi` on text) as one module that takes raw texts.
+
+While training, these models read the FM's pooled features at the tapped layers from a cache indexed by
+row; a server has new texts and no cache. `ServedFM` holds the trained model (`FMModel`) and `TextTaps`:
+the frozen encoder, loaded from its package or folder (referenced by path and weight hash in the manifest,
+never copied into the export), run only to the deepest tap, mean-pooled (and L2-normalised as when cached).
+`forward(batch)` reads the texts from `batch[TEXT_KEY]` (a list of str) and the model's other views (the
+small model's n-grams, say) from the batch, and returns `model.live(batch, features)`.
+Its state dict is the trained model's alone (`model.*`): the backbone's weights come from the package.
+Imports nothing of the training code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fmtransfer.cache.capture import LayerCapture
+from fmtransfer.models.fm_heads import FMModel
+from fmtransfer.models.hf_text import encoder_fingerprint, load_encoder, resolve_encoder_path
+from fmtransfer.preprocess import TEXT_VIEW as TEXT_KEY
+
+
+class TextTaps(nn.Module):
+    """Texts -> the frozen encoder, cut at the deepest tap -> mean-pooled states at the tapped layers."""
+
+    def __init__(self, encoder: str, paths: list[str], max_length: int, normalize: bool, chunk: int = 64) -> None:
+        super().__init__()
+        self.tok, net = load_encoder(encoder)
+        self.net = net.eval().requires_grad_(False)
+        self.paths, self.max_length, self.normalize, self.chunk = list(paths), max_length, normalize, chunk
+
+    def forward(self, texts: list[str]) -> list[torch.Tensor]:
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths per call: little padding
+        parts: list[list[torch.Tensor]] = []
+        for s in range(0, len(order), self.chunk):
+            enc = self.tok([texts[i] for i in order[s:s + self.chunk]], padding=True, truncation=True,
+                           max_length=self.max_length, return_tensors="pt")
+            with LayerCapture(self.net, self.paths) as cap:
+                self.net(**enc)
+            out = list(cap.pooled("mean", enc["attention_mask"]).values())
+            parts.append([nn.functional.normalize(o, dim=-1) if self.normalize else o for o in out])
+        if not parts:
+            return [torch.zeros(0, int(self.net.config.hidden_size)) for _ in self.paths]
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        return [torch.cat(f)[inverse] for f in zip(*parts, strict=True)]
+
+
+class ServedFM(nn.Module):
+    """The trained frozen-FM model plus the live encoder that feeds it raw texts."""
+
+    def __init__(self, model: FMModel, taps: TextTaps) -> None:
+        super().__init__()
+        self.model = model
+        object.__setattr__(self, "taps", taps)  # not a submodule: the frozen backbone is never saved
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.model.live(batch, self.taps(list(batch[TEXT_KEY])))
+
+
+def rebuild(head_cls: Any, cfg: Any, task: Any, fm_info: dict[str, Any], small: nn.Module | None) -> FMModel:
+    """The trained model's class around empty feature tables of the recorded widths (weights loaded after)."""
+    from fmtransfer.models.fm_layers import FMFeatures, TappedFeatures
+
+    fm = FMFeatures([torch.empty(0, d) for d in fm_info["feature_dims"]], list(fm_info["taps"]), fm_info["modality"],
+                    list(fm_info["depths"]), int(fm_info["backbone_layers"]), int(fm_info["backbone_params_used"]),
+                    int(fm_info["backbone_params"]), 0)
+    taps = TappedFeatures(fm, cfg.standardize, torch.zeros(0, dtype=torch.long))
+    return head_cls(cfg, task, taps, fm, small) if small is not None else head_cls(cfg, task, taps, fm)
+
+
+def backbone_record(encoder: str, paths: list[str], max_length: int, normalize: bool) -> dict[str, Any]:
+    """What the manifest says of the frozen encoder: where it is, what its files hash to, how it is read."""
+    return {"encoder": encoder, "path": resolve_encoder_path(encoder), "fingerprint": encoder_fingerprint(encoder),
+            "paths": list(paths), "max_length": max_length, "normalize": normalize}
