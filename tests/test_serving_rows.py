@@ -217,10 +217,11 @@ def test_raw_rows_are_served_without_training_code(made: dict[str, Any]) -> None
     assert np.abs(np.array(out["p"]) - here.predict_proba(rows)).max() <= 1e-6
 
 
-@pytest.mark.parametrize("method", ["levi", "mlp_probe"])
-def test_frozen_fm_method_runs_export_and_predict_raw_text(method: str, tiny_bert: str, tmp_path: Path) -> None:
-    """A method's own model (levi: the frozen FM's tapped layers + the small mlp) exports with the encoder
-    referenced, not copied, and serves raw rows (the small model's columns + the text) like the run."""
+@pytest.mark.parametrize("method", ["levi", "mlp_probe", "finetune", "lora", "ensemble"])
+def test_fm_method_runs_export_and_predict_raw_text(method: str, tiny_bert: str, tmp_path: Path) -> None:
+    """A method's own model (levi: the frozen FM's tapped layers + the small mlp; finetune: the tuned encoder)
+    exports (a frozen encoder referenced, not copied) and serves raw rows (the small model's columns + the
+    text) like the run."""
     from fmtransfer.export import export_run
     from fmtransfer.run import build_task, run_experiment
     from fmtransfer.serving.loader import load_predictor
@@ -234,9 +235,12 @@ def test_frozen_fm_method_runs_export_and_predict_raw_text(method: str, tiny_ber
     with pytest.raises(ExportError, match="ONNX and TorchScript do not hold"):
         export_run(tmp_path / "run", tmp_path / "bad", "onnx")
     man = export_run(tmp_path / "run", tmp_path / "export")
-    assert man.model["fm"]["fingerprint"] and man.model["class"].endswith("fm_serve:ServedFM")
+    assert man.model["fm"]["fingerprint"] and man.model["class"].startswith("fmtransfer.models.fm_serve:Served")
     weights = set(__import__("safetensors.torch").torch.load_file(str(tmp_path / "export" / "student.safetensors")))
-    assert not any(k.startswith(("net.", "taps.net", "encoder.")) for k in weights)  # the encoder is not copied
+    if method in ("finetune", "lora"):  # it trained every encoder weight (LoRA: merged into them): they ship; the architecture comes from the package
+        assert any(k.startswith("encoder.") for k in weights) and man.model["fm"]["kind"] == "finetuned"
+    else:  # frozen: the encoder is referenced, not copied
+        assert not any(k.startswith(("net.", "taps.net", "encoder.")) for k in weights)
     check = man.metrics["exported"]["safetensors"]
     assert check["raw_rows_checked"] and check["max_abs_diff"] <= 0.02
     assert abs(check["cached_test"]["accuracy"] - metrics["test"]["accuracy"]) <= 0.5e-4
@@ -245,7 +249,8 @@ def test_frozen_fm_method_runs_export_and_predict_raw_text(method: str, tiny_ber
     frame = pd.DataFrame({"x": list(task.features["x"][rows].numpy()), "user": task.features["user"][rows].numpy(),
                           "text": [task.texts["row"].texts[i] for i in rows.tolist()]})
     pred = load_predictor(tmp_path / "export")
-    assert set(pred.columns) == ({"x", "user", "text"} if method == "levi" else {"text"})
+    assert set(pred.columns) == ({"x", "user", "text"} if method in ("levi", "ensemble") else {"text"})
+    assert not any("lora" in k for k in weights)
     frame.to_json(tmp_path / "rows.jsonl", orient="records", lines=True)
     predict_file(tmp_path / "export", tmp_path / "rows.jsonl", tmp_path / "preds.csv")
     got = pd.read_csv(tmp_path / "preds.csv")

@@ -26,7 +26,14 @@ from torch import nn
 from fmtransfer.config import RunConfig, load_config, to_dict
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import FmtError
-from fmtransfer.export_fm import build_own_model, builds_own_model, fm_model_record, text_step, verify_fm_export
+from fmtransfer.export_fm import (
+    build_own_model,
+    builds_own_model,
+    fm_model_record,
+    shipped_weights,
+    text_step,
+    verify_fm_export,
+)
 from fmtransfer.preprocess import identity_spec
 from fmtransfer.serving.formats import WRITERS
 from fmtransfer.serving.loader import load_predictor
@@ -331,6 +338,7 @@ def _export_fm_run(run: FinishedRun, task: TaskData, out: Path, fmts: list[str])
         raise ExportError(f"--format {','.join(fmts[1:])}: a {run.cfg.method.name} model runs its FM's tokenizer, "
                           "which ONNX and TorchScript do not hold; export safetensors (the default)")
     model = build_own_model(run, task)
+    shipped = shipped_weights(model)  # LoRA: adapters merged into the base weights
     batch = _ReadRecorder(task.gather(task.splits["test"][:4]))
     with torch.no_grad():
         model(batch)
@@ -349,7 +357,7 @@ def _export_fm_run(run: FinishedRun, task: TaskData, out: Path, fmts: list[str])
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        WRITERS["safetensors"](model, inputs, (), tmp / FILE_NAMES["safetensors"], meta)
+        WRITERS["safetensors"](shipped, inputs, (), tmp / FILE_NAMES["safetensors"], meta)
         manifest.files["safetensors"] = file_record(tmp / FILE_NAMES["safetensors"])
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
         verify_fm_export(tmp, manifest, task, model, run)

@@ -7,8 +7,10 @@ wraps it with the live encoder (`models/fm_serve.ServedFM`: raw texts -> tapped 
 checks that path on the test split's raw rows. The manifest references the frozen encoder by package/path
 and file hash (a server installs it, as training did); it is not copied. Only safetensors is written: the
 graph holds a tokenizer that ONNX and TorchScript do not carry.
-Not exported yet (one-line refusal): image backbones, `lora: true` / `tune_backbone: true` (the backbone's
-weights then changed), `ensemble`, and the fine-tuning baselines (finetune, lp_ft, wise_ft, lora).
+The fine-tuning baselines on text (finetune, lp_ft, wise_ft, lora) ship every encoder weight (they trained
+them; LoRA's adapters are merged into the base weights first): `ServedTextFinetune` takes the encoder's
+architecture and tokenizer from the package and the weights from the export. Not exported yet (one-line
+refusal): image backbones, and LEVI's `lora: true` / `tune_backbone: true` (a live backbone inside `taps`).
 """
 
 from __future__ import annotations
@@ -51,22 +53,46 @@ def _model_config_class(cfg: Any) -> type:
 
 def build_own_model(run: Any, task: TaskData) -> nn.Module:
     """The method's shipped model, rebuilt the training way, with the run's weights (strict)."""
+    from fmtransfer.models.fm_finetune import TextFinetuneModel
     from fmtransfer.models.fm_heads import FMModel
     from fmtransfer.registry import METHODS
 
     name = run.cfg.method.name
     model = METHODS.get(name).impl.build_model(run.cfg.method, run.cfg, task, torch.device("cpu"))
+    if isinstance(model, TextFinetuneModel):
+        return _load(model, run, name)
     if not isinstance(model, FMModel) or model.fm_info.get("modality") != "text" or model.taps.live is not None:
         raise ExportError(f"method {name}: exporting its model ({type(model).__name__}"
                           f"{', ' + model.fm_info.get('modality', '') if isinstance(model, FMModel) else ''}) is not "
-                          "supported yet (served: levi, linear_probe, mlp_probe on a text FM, frozen); serve it "
-                          "from the run with fmtransfer's Python API")
+                          "supported yet (served: levi, linear_probe, mlp_probe, ensemble on a frozen text FM; "
+                          "finetune, lp_ft, wise_ft, lora on text); serve it from the run with fmtransfer's Python API")
+    return _load(model, run, name)
+
+
+def _load(model: nn.Module, run: Any, name: str) -> nn.Module:
     try:
         model.load_state_dict(run.state, strict=True)
     except RuntimeError as e:
         raise ExportError(f"{run.path / 'student.safetensors'} does not fit the {name} model in config.yaml "
                           f"({one_line(e, 160)}); run the experiment again") from None
     return model.eval().requires_grad_(False)
+
+
+def shipped_weights(model: nn.Module) -> nn.Module:
+    """What the export writes: the model itself, or for LoRA a copy with every adapter folded into its base
+    weight (peft's merge; a plain encoder a server loads without peft, outputs equal to float rounding)."""
+    import copy
+
+    encoder = getattr(model, "encoder", None)
+    if encoder is None or not any(hasattr(m, "lora_A") for m in encoder.modules()):
+        return model
+    twin = copy.deepcopy(model)
+    for name, m in list(twin.encoder.named_modules()):
+        if hasattr(m, "lora_A") and hasattr(m, "merge") and hasattr(m, "base_layer"):
+            m.merge()
+            parent, _, attr = name.rpartition(".")
+            setattr(twin.encoder.get_submodule(parent) if parent else twin.encoder, attr, m.base_layer)
+    return twin.eval()
 
 
 def text_step(task: TaskData, view: str) -> dict[str, Any]:
@@ -78,23 +104,24 @@ def text_step(task: TaskData, view: str) -> dict[str, Any]:
     return {"op": "text", "columns": list(recipe["columns"]), "join": recipe["join"], "view": TEXT_KEY}
 
 
-def served_model(model: nn.Module, cfg: Any) -> nn.Module:
-    from fmtransfer.models.fm_serve import ServedFM, TextTaps
-
-    return ServedFM(model, TextTaps(cfg.encoder, model.taps.names, cfg.max_length, cfg.normalize)).eval()  # type: ignore[arg-type]
-
-
 def fm_model_record(run: Any, model: nn.Module) -> dict[str, Any]:
     """manifest.model for a served FM model: the wrapper, the trained model's class and config, the backbone."""
-    from fmtransfer.models.fm_serve import ServedFM, backbone_record
+    from fmtransfer.models.fm_serve import ServedFM, ServedTextFinetune, backbone_record
     from fmtransfer.registry import MODELS
 
     cfg = run.cfg.method
+    params = sum(p.numel() for p in model.parameters())
+    if not hasattr(model, "taps"):  # a fine-tuned encoder with its head: every weight is in the export
+        merged = any(hasattr(m, "lora_A") for m in model.modules())
+        return {"name": cfg.name, "class": _ref(ServedTextFinetune), "config": to_dict(cfg), "params": params,
+                "out_dim": int(model.out_dim),  # type: ignore[arg-type]
+                "fm": {"kind": "finetuned", "lora_merged": merged}
+                | backbone_record(cfg.encoder, [], cfg.max_length, False)}
     out: dict[str, Any] = {
         "name": cfg.name, "class": _ref(ServedFM), "head_class": _ref(type(model)),
-        "config_class": _ref(_model_config_class(cfg)), "config": to_dict(cfg),
-        "params": sum(p.numel() for p in model.parameters()),
-        "fm": model.fm_info | backbone_record(cfg.encoder, model.taps.names, cfg.max_length, cfg.normalize)}  # type: ignore[operator]
+        "config_class": _ref(_model_config_class(cfg)), "config": to_dict(cfg), "params": params,
+        "fm": model.fm_info | {"kind": "frozen"}  # type: ignore[operator]
+        | backbone_record(cfg.encoder, model.taps.names, cfg.max_length, cfg.normalize)}  # type: ignore[attr-defined]
     small = getattr(model, "small", None)
     if small is not None:
         scfg = getattr(cfg, "small", None) or run.cfg.student

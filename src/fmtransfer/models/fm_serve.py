@@ -1,4 +1,4 @@
-"""A shipped frozen-FM model (`linear_probe`, `mlp_probe`, `levi` on text) as one module that takes raw texts.
+"""Shipped FM models (`linear_probe`, `mlp_probe`, `levi`; `finetune`, `lp_ft`, `wise_ft`) on raw texts.
 
 While training, these models read the FM's pooled features at the tapped layers from a cache indexed by
 row; a server has new texts and no cache. `ServedFM` holds the trained model (`FMModel`) and `TextTaps`:
@@ -7,6 +7,7 @@ never copied into the export), run only to the deepest tap, mean-pooled (and L2-
 `forward(batch)` reads the texts from `batch[TEXT_KEY]` (a list of str) and the model's other views (the
 small model's n-grams, say) from the batch, and returns `model.live(batch, features)`.
 Its state dict is the trained model's alone (`model.*`): the backbone's weights come from the package.
+`ServedTextFinetune` is the fine-tuned encoder with its head (its weights are all in the export).
 Imports nothing of the training code.
 """
 
@@ -59,6 +60,35 @@ class ServedFM(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         return self.model.live(batch, self.taps(list(batch[TEXT_KEY])))
+
+
+class ServedTextFinetune(nn.Module):
+    """A fine-tuned text encoder with its linear head (finetune, lp_ft, wise_ft) on raw texts: tokenize, encode,
+    mean-pool the last layer, standardise, head. The same state-dict keys as `TextFinetuneModel`, whose
+    training-time version tokenizes the task's texts once and reads them by row."""
+
+    def __init__(self, encoder: str, max_length: int, task_type: str, out_dim: int, chunk: int = 64) -> None:
+        super().__init__()
+        self.tok, self.encoder = load_encoder(encoder)  # the architecture; the fine-tuned weights load after
+        dim = int(self.encoder.config.hidden_size)
+        self.register_buffer("mu", torch.zeros(dim))
+        self.register_buffer("sd", torch.ones(dim))
+        self.drop = nn.Dropout(0.0)
+        self.out = nn.Linear(dim, out_dim)
+        self.max_length, self.task_type, self.chunk = max_length, task_type, chunk
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        from fmtransfer.models.hf_text import mean_pool
+
+        texts = list(batch[TEXT_KEY])
+        pooled = []
+        for s in range(0, len(texts), self.chunk):
+            enc = self.tok(texts[s:s + self.chunk], padding=True, truncation=True, max_length=self.max_length,
+                           return_tensors="pt")
+            pooled.append(mean_pool(self.encoder(**enc).last_hidden_state, enc["attention_mask"]).float())
+        z = (torch.cat(pooled) - self.mu) / self.sd if pooled else torch.zeros(0, len(self.mu))
+        out = self.out(self.drop(z))
+        return out.squeeze(-1) if self.task_type == "regression" else out
 
 
 def rebuild(head_cls: Any, cfg: Any, task: Any, fm_info: dict[str, Any], small: nn.Module | None) -> FMModel:

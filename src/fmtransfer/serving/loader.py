@@ -115,6 +115,16 @@ def _load_served_fm(export_dir: str | Path, manifest: Manifest, trusted: tuple[s
     if found != fm["fingerprint"]:
         raise ExportError(f"encoder {fm['encoder']!r} here has files hashing to {found}, the export was made with "
                           f"{fm['fingerprint']}; install the encoder the model was trained with")
+    if fm.get("kind") == "finetuned":  # the encoder's architecture and tokenizer from the package, weights here
+        model: nn.Module = serve.ServedTextFinetune(fm["encoder"], fm["max_length"], manifest.task["type"],
+                                                    int(rec["out_dim"]))
+        path = checked_file(export_dir, manifest, "safetensors")
+        try:
+            model.load_state_dict(load_file(str(path)), strict=True)
+        except Exception as e:
+            raise ExportError(f"{path}: weights do not fit {rec['class']} ({one_line(e)}); "
+                              "export the run again") from None
+        return model.eval().requires_grad_(False)
     task = schema_task(manifest)
     try:
         small = None
