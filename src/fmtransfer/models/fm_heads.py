@@ -178,7 +178,7 @@ class LEVIModel(FMModel):
         if self.gate is not None:
             w = F.softmax(self.gate(torch.cat([u, ps[-1]], -1)), dim=-1)
         else:
-            w = F.softmax(self.beta, dim=0).expand(len(h), -1)
+            w = F.softmax(self.beta, dim=0).expand(h.shape[0], -1)  # shape[0]: a traced graph keeps it dynamic
         return z, w, small_out if self.cfg.small_head == "aux" else None
 
     def combine(self, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

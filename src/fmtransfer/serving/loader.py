@@ -104,6 +104,10 @@ def _load_served_fm(export_dir: str | Path, manifest: Manifest, trusted: tuple[s
     from fmtransfer.config import from_dict
 
     rec, fm = manifest.model, manifest.model["fm"]
+    if fm.get("kind") == "image_graph":
+        raise ExportError(f"{export_dir}: this {rec['name']} model (an image FM) is served by its graph files "
+                          f"({', '.join(f for f in manifest.files if f != 'safetensors')}): "
+                          "load_predictor(DIR, 'torchscript'), or fmtransfer predict --format torchscript")
     serve = importlib.import_module("fmtransfer.models.fm_serve")
     from fmtransfer.models.hf_text import encoder_fingerprint
 
@@ -243,7 +247,7 @@ class TorchPredictor(Predictor):
 
     def _run(self, arrays: list[np.ndarray], texts: list[str] | None = None) -> np.ndarray:
         batch: dict[str, Any] = dict(zip(self.inputs, map(torch.from_numpy, arrays), strict=True))
-        if self.manifest.model.get("fm") is not None:  # a served FM model reads the raw texts too
+        if (self.manifest.model.get("fm") or {}).get("kind") in ("frozen", "finetuned"):  # a text FM reads texts
             if texts is None:
                 raise ExportError(f"this {self.manifest.model['name']} model reads texts: pass raw rows to predict "
                                   f"(columns: {', '.join(self.columns)})")
