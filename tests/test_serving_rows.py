@@ -258,6 +258,18 @@ def test_fm_method_runs_export_and_predict_raw_text(method: str, tiny_bert: str,
     assert np.allclose(got[["prob_0", "prob_1"]].to_numpy().sum(1), 1, atol=1e-5)
     with pytest.raises(ExportError, match="input column 'text' is missing"):
         pred.predict(frame.drop(columns=["text"]))
+    if method == "levi":  # the served FM model (live encoder + LEVI's layers) needs no training code either
+        code = ("import json, sys\nimport pandas as pd\nfrom fmtransfer.serving import load_predictor\n"
+                f"p = load_predictor({str(tmp_path / 'export')!r})\n"
+                f"rows = pd.read_json({str(tmp_path / 'rows.jsonl')!r}, lines=True)\n"
+                "print(json.dumps({'p': p.predict_proba(rows).tolist(), "
+                "'loaded': sorted(m for m in sys.modules if m.startswith('fmtransfer.'))}))\n")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+        out = json.loads(r.stdout)
+        banned = ("fmtransfer.train", "fmtransfer.methods", "fmtransfer.teachers", "fmtransfer.run",
+                  "fmtransfer.export")
+        assert not [m for m in out["loaded"] if m.startswith(banned)], out["loaded"]
+        assert np.abs(np.array(out["p"]) - got[["prob_0", "prob_1"]].to_numpy()).max() <= 1e-5
 
 
 HAVE_EFFNET = all(importlib.util.find_spec(m) is not None for m in ("efficientnet_lite_pytorch",
@@ -293,3 +305,31 @@ def test_image_fm_method_exports_a_graph_that_takes_raw_pixels(method: str, tmp_
     acc = float((torch.tensor(got.astype(int)) == task.y[rows]).float().mean())
     assert abs(acc - metrics["test"]["accuracy"]) <= (0.05 if method == "levi" else 0.5e-4)
     assert man.metrics["exported"]["torchscript"]["raw_rows_checked"]
+
+
+@pytest.mark.parametrize("option", ["tune_backbone", "lora"])
+def test_levi_with_a_trained_backbone_ships_it_merged(option: str, tiny_bert: str, tmp_path: Path) -> None:
+    """LEVI-full (tune_backbone) and LEVI-LoRA: the trained backbone (LoRA merged) ships in the export under
+    `backbone.`; the served raw-text path equals the run (both compute the features live in fp32)."""
+    from fmtransfer.export import export_run
+    from fmtransfer.run import build_task, run_experiment
+    from fmtransfer.serving.loader import load_predictor
+    from tests.conftest import TINY
+
+    if option == "lora":
+        pytest.importorskip("peft")
+    cfg = load_config(TINY, [f"cache_dir={tmp_path / 'cache'}", f"method={{name: levi, encoder: {tiny_bert}, "
+                             f"{option}: true, latency: false}}", "train.epochs=2"])
+    metrics = run_experiment(cfg, tmp_path / "run", quiet=True)
+    man = export_run(tmp_path / "run", tmp_path / "export")
+    weights = set(__import__("safetensors.torch").torch.load_file(str(tmp_path / "export" / "student.safetensors")))
+    assert man.model["fm"]["backbone_in_export"] and any(k.startswith("backbone.") for k in weights)
+    assert not any("lora" in k or k.startswith("taps.live") for k in weights)
+    assert man.metrics["exported"]["safetensors"]["max_abs_diff"] <= ONNX_ATOL
+    task = build_task(cfg)
+    rows = task.splits["test"]
+    got = load_predictor(tmp_path / "export").predict(
+        {"x": task.features["x"][rows].numpy(), "user": task.features["user"][rows].numpy(),
+         "text": [task.texts["row"].texts[i] for i in rows.tolist()]})
+    acc = float((torch.tensor(got.astype(int)) == task.y[rows]).float().mean())
+    assert abs(acc - metrics["test"]["accuracy"]) <= 0.5e-4

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from fmtransfer.config import RunConfig, load_config, to_dict
@@ -33,6 +34,7 @@ from fmtransfer.export_fm import (
     fm_model_record,
     graph_inputs,
     is_image,
+    shipped_state,
     shipped_weights,
     text_step,
     verify_fm_export,
@@ -371,9 +373,12 @@ def _export_fm_run(run: FinishedRun, task: TaskData, out: Path, fmts: list[str])
     tmp.mkdir()
     try:
         for fmt in fmts:
-            what = shipped if fmt == "safetensors" else graph
-            info = WRITERS[fmt](what, inputs, example, tmp / FILE_NAMES[fmt], meta)
-            manifest.files[fmt] = file_record(tmp / FILE_NAMES[fmt]) | info
+            if fmt == "safetensors":
+                save_file(shipped_state(shipped), str(tmp / FILE_NAMES[fmt]), metadata=meta)
+                manifest.files[fmt] = file_record(tmp / FILE_NAMES[fmt])
+            else:
+                info = WRITERS[fmt](graph, inputs, example, tmp / FILE_NAMES[fmt], meta)
+                manifest.files[fmt] = file_record(tmp / FILE_NAMES[fmt]) | info
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
         verify_fm_export(tmp, manifest, task, model, run)
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
@@ -389,10 +394,17 @@ def format_export(manifest: Manifest, out_dir: str | Path) -> str:
     """A few lines for the terminal: files, sizes, and the check against the run."""
     m = manifest.metrics["metric"]
     run_value = manifest.metrics["run"]["test"][m]
-    lines = [f"exported {manifest.model['name']} student of {manifest.task['name']} "
-             f"({manifest.model['params']:,} parameters, inputs: {', '.join(manifest.inputs)}) to {out_dir}"]
+    fm = manifest.model.get("fm")
+    what = f"{manifest.model['name']} model" if fm else f"{manifest.model['name']} student"
+    reads = ", ".join([*manifest.inputs, *(["text"] if fm and fm.get("kind") != "image_graph" else [])])
+    lines = [f"exported {what} of {manifest.task['name']} "
+             f"({manifest.model['params']:,} parameters, inputs: {reads}) to {out_dir}"]
     for fmt, rec in manifest.files.items():
-        check = manifest.metrics["exported"][fmt]
+        check = manifest.metrics["exported"].get(fmt)
+        if check is None:  # an image FM model's weights, for the record (its graph files serve)
+            lines.append(f"  {rec['file']:<24} {rec['bytes']:>10,} bytes  the trained weights (served by the graph)")
+            continue
         lines.append(f"  {rec['file']:<24} {rec['bytes']:>10,} bytes  test {m} {check['test'][m]:.4f} "
-                     f"(run {run_value:.4f}), max |diff| {check['max_abs_diff']:.1e}")
+                     f"(run {run_value:.4f}), max |diff| {check['max_abs_diff']:.1e}"
+                     + (" vs the run's model" if fm else ""))
     return "\n".join(lines)

@@ -61,7 +61,7 @@ def build_own_model(run: Any, task: TaskData) -> nn.Module:
     model = METHODS.get(name).impl.build_model(run.cfg.method, run.cfg, task, torch.device("cpu"))
     if isinstance(model, (TextFinetuneModel, ImageFinetuneModel)):
         return _load(model, run, name)
-    if not isinstance(model, FMModel) or model.taps.live is not None:
+    if not isinstance(model, FMModel):
         raise ExportError(f"method {name}: exporting its model ({type(model).__name__}"
                           f"{', ' + model.fm_info.get('modality', '') if isinstance(model, FMModel) else ''}) is not "
                           "supported yet (served: levi, linear_probe, mlp_probe, ensemble on a frozen FM; finetune, "
@@ -83,6 +83,34 @@ def is_image(model: nn.Module) -> bool:
     return getattr(model, "fm_info", {}).get("modality") == "image" or hasattr(model, "backbone")
 
 
+def _unwrapped(net: nn.Module) -> nn.Module:
+    """A copy of `net` with every LoRA adapter merged into its base layer and the peft wrapper removed."""
+    import copy
+
+    twin = copy.deepcopy(net)
+    for name, m in list(twin.named_modules()):
+        if hasattr(m, "lora_A") and hasattr(m, "merge") and hasattr(m, "base_layer"):
+            m.merge()
+            parent, _, leaf = name.rpartition(".")
+            setattr(twin.get_submodule(parent) if parent else twin, leaf, m.base_layer)
+    return twin
+
+
+def shipped_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors the export's safetensors holds: the model's state; for a text FM model whose backbone
+    trained (LEVI with tune_backbone / lora), the model's own layers plus the trained backbone, LoRA merged,
+    under `backbone.` (the package's frozen weights are never written)."""
+    from fmtransfer.models.fm_serve import BACKBONE_PREFIX
+
+    live = getattr(getattr(model, "taps", None), "live", None)
+    if live is None:
+        return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith("taps.live.")}
+    net = _unwrapped(live.net).state_dict()
+    return {k: v.detach().contiguous().clone() for k, v in
+            (own | {BACKBONE_PREFIX + k: v for k, v in net.items()}).items()}
+
+
 def shipped_weights(model: nn.Module) -> nn.Module:
     """What the export writes: the model itself, or for LoRA a copy with every adapter folded into its base
     weight (peft's merge; a plain backbone a server loads without peft, outputs equal to float rounding)."""
@@ -92,13 +120,8 @@ def shipped_weights(model: nn.Module) -> nn.Module:
     net = getattr(model, attr, None)
     if net is None or not any(hasattr(m, "lora_A") for m in net.modules()):
         return model
-    twin = copy.deepcopy(model)
-    net = getattr(twin, attr)
-    for name, m in list(net.named_modules()):
-        if hasattr(m, "lora_A") and hasattr(m, "merge") and hasattr(m, "base_layer"):
-            m.merge()
-            parent, _, leaf = name.rpartition(".")
-            setattr(net.get_submodule(parent) if parent else net, leaf, m.base_layer)
+    twin = copy.copy(model)  # shallow: the same layers, with the merged backbone in place of the adapted one
+    twin._modules = dict(model._modules) | {attr: _unwrapped(net)}
     return twin.eval()
 
 
@@ -115,15 +138,19 @@ class ImageGraph(nn.Module):
         if hasattr(model, "taps"):
             from fmtransfer.models.fm_live import LiveTaps
 
-            self.live = LiveTaps(cfg, task, model.fm_info).eval()  # type: ignore[arg-type]
+            self.live = model.taps.live or LiveTaps(cfg, task, model.fm_info).eval()  # type: ignore[union-attr]
             self.live.chunk = 1 << 30  # one call per batch: the graph has no Python loop
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        # the un-chunked inner calls: a graph with a symbolic batch size must not branch on it
         if self.live is not None:
-            return self.model.live(batch, self.live(batch))  # type: ignore[operator]
-        x = batch[self.model.feature]  # type: ignore[index]
-        rows = torch.zeros(x.shape[0], dtype=torch.long)  # only counted (for chunking) by the fine-tuned model
-        return self.model({self.model.feature: x, "row": rows})  # type: ignore[dict-item]
+            raw = self.live._image(batch[self.live.feature])  # type: ignore[operator, union-attr]
+            return self.model.live(batch, raw)  # type: ignore[operator]
+        m = self.model
+        x = batch[m.feature]  # type: ignore[index]
+        rows = torch.zeros(x.shape[0], dtype=torch.long)  # the fine-tuned model's batch carries row ids
+        one = {m.feature: x, "row": rows}  # type: ignore[dict-item]
+        return m.head(m.trunk(m.drop(m._pool_rows(one)))) + m.offset(one)  # type: ignore[operator]
 
 
 def graph_inputs(graph: nn.Module, task: TaskData) -> list[str]:
@@ -170,7 +197,7 @@ def fm_model_record(run: Any, model: nn.Module) -> dict[str, Any]:
     out: dict[str, Any] = {
         "name": cfg.name, "class": _ref(ServedFM), "head_class": _ref(type(model)),
         "config_class": _ref(_model_config_class(cfg)), "config": to_dict(cfg), "params": params,
-        "fm": model.fm_info | {"kind": "frozen"}  # type: ignore[operator]
+        "fm": model.fm_info | {"kind": "frozen", "backbone_in_export": model.taps.live is not None}  # type: ignore
         | backbone_record(cfg.encoder, model.taps.names, cfg.max_length, cfg.normalize)}  # type: ignore[attr-defined]
     small = getattr(model, "small", None)
     if small is not None:

@@ -18,18 +18,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from fmtransfer.cache.capture import LayerCapture
+from fmtransfer.cache.capture import LayerCapture, transformer_layer_paths
 from fmtransfer.models.fm_heads import FMModel
 from fmtransfer.models.hf_text import encoder_fingerprint, load_encoder, resolve_encoder_path
 from fmtransfer.preprocess import TEXT_VIEW as TEXT_KEY
 
 
 class TextTaps(nn.Module):
-    """Texts -> the frozen encoder, cut at the deepest tap -> mean-pooled states at the tapped layers."""
+    """Texts -> the encoder, cut at the deepest tap (later layers and the pooler never run) -> mean-pooled
+    states at the tapped layers. The weights are the package's (frozen) unless a state dict replaces them
+    (LEVI with `tune_backbone` / `lora`: the trained, merged backbone ships in the export)."""
 
     def __init__(self, encoder: str, paths: list[str], max_length: int, normalize: bool, chunk: int = 64) -> None:
         super().__init__()
         self.tok, net = load_encoder(encoder)
+        layers = transformer_layer_paths(net)
+        deepest = max(layers.index(p) for p in paths) + 1
+        stack = net.get_submodule(layers[0].rsplit(".", 1)[0])
+        parent, _, attr = layers[0].rsplit(".", 1)[0].rpartition(".")
+        setattr(net.get_submodule(parent) if parent else net, attr, nn.ModuleList(list(stack)[:deepest]))
+        if getattr(net, "pooler", None) is not None:
+            net.pooler = None
         self.net = net.eval().requires_grad_(False)
         self.paths, self.max_length, self.normalize, self.chunk = list(paths), max_length, normalize, chunk
 
@@ -89,6 +98,10 @@ class ServedTextFinetune(nn.Module):
         z = (torch.cat(pooled) - self.mu) / self.sd if pooled else torch.zeros(0, len(self.mu))
         out = self.out(self.drop(z))
         return out.squeeze(-1) if self.task_type == "regression" else out
+
+
+BACKBONE_PREFIX = "backbone."
+"""Keys of a trained backbone in an export's safetensors (LEVI with tune_backbone / lora, LoRA merged)."""
 
 
 def rebuild(head_cls: Any, cfg: Any, task: Any, fm_info: dict[str, Any], small: nn.Module | None) -> FMModel:

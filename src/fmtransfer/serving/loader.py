@@ -144,12 +144,16 @@ def _load_served_fm(export_dir: str | Path, manifest: Manifest, trusted: tuple[s
         raise ExportError(f"{export_dir}: cannot rebuild {rec['head_class']} from the manifest ({one_line(e)}); "
                           "export the run again") from None
     path = checked_file(export_dir, manifest, "safetensors")
+    taps = serve.TextTaps(fm["encoder"], fm["paths"], fm["max_length"], fm["normalize"])
+    state = load_file(str(path))
+    trained = {k[len(serve.BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(serve.BACKBONE_PREFIX)}
     try:
-        model.load_state_dict(load_file(str(path)), strict=True)
+        model.load_state_dict({k: v for k, v in state.items() if not k.startswith(serve.BACKBONE_PREFIX)}, strict=True)
+        if trained:  # LEVI's backbone trained (tune_backbone / lora, merged): its weights are the export's
+            taps.net.load_state_dict(trained, strict=True)
     except Exception as e:
         raise ExportError(f"{path}: weights do not fit {rec['head_class']} ({one_line(e)}); "
                           "export the run again") from None
-    taps = serve.TextTaps(fm["encoder"], fm["paths"], fm["max_length"], fm["normalize"])
     return serve.ServedFM(model.eval().requires_grad_(False), taps).eval()
 
 
