@@ -21,25 +21,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from fmtransfer.config import RunConfig, load_config, to_dict
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import FmtError
-from fmtransfer.export_fm import (
-    ImageGraph,
-    build_own_model,
-    builds_own_model,
-    fm_model_record,
-    graph_inputs,
-    is_image,
-    shipped_state,
-    shipped_weights,
-    text_step,
-    verify_fm_export,
-)
-from fmtransfer.preprocess import identity_spec
+from fmtransfer.export_fm import builds_own_model
 from fmtransfer.serving.formats import WRITERS
 from fmtransfer.serving.loader import load_predictor
 from fmtransfer.serving.manifest import (
@@ -310,8 +297,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, formats: str | Sequence
         raise ExportError(f"{run.path}: config.yaml builds task {task.name!r}, metrics.json is of "
                           f"{run.metrics['task']!r}; run the experiment again")
     check_encoders(run, task)
-    if builds_own_model(run.cfg.method.name):  # levi, the probes: a frozen-FM model of the method's own
-        return _export_fm_run(run, task, out, fmts)
+    if builds_own_model(run.cfg.method.name):  # levi, probes, fine-tuning: the method's own FM model
+        from fmtransfer.export_fm import export_fm_run
+
+        return export_fm_run(run, task, out, fmts)
     model = build_student(run, task)
     inputs = read_inputs(model, task)
     manifest = _manifest(run, task, model, inputs)
@@ -328,59 +317,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path, formats: str | Sequence
             manifest.files[fmt] = file_record(tmp / FILE_NAMES[fmt]) | info
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
         verify_export(tmp, manifest, task, model, run)
-        (tmp / MANIFEST_NAME).write_text(manifest.to_json())
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return manifest
-
-
-def _export_fm_run(run: FinishedRun, task: TaskData, out: Path, fmts: list[str]) -> Manifest:
-    """A method's own FM model (export_fm.py): text models served on raw texts from safetensors; image models
-    as a graph with the backbone inside (TorchScript always, ONNX on request) beside their safetensors."""
-    model = build_own_model(run, task)
-    shipped = shipped_weights(model)  # LoRA: adapters merged into the base weights
-    image = is_image(model)
-    if image:
-        graph = ImageGraph(shipped, run.cfg.method, task).eval()
-        inputs = graph_inputs(graph, task)
-        fmts = [f for f in ("safetensors", "torchscript", "onnx") if f in (*fmts, "torchscript")]
-    else:
-        if fmts != ["safetensors"]:
-            raise ExportError(f"--format {','.join(fmts[1:])}: a {run.cfg.method.name} model runs its FM's tokenizer, "
-                              "which ONNX and TorchScript do not hold; export safetensors (the default)")
-        batch = _ReadRecorder(task.gather(task.splits["test"][:4]))
-        with torch.no_grad():
-            model(batch)
-        inputs = [f for f in task.features if f in batch.read]
-    manifest = _manifest(run, task, model, inputs)
-    manifest.model = fm_model_record(run, model)
-    spec = task.meta.get("preprocessing") or identity_spec(
-        {n: (manifest.features[n]["dtype"], manifest.features[n]["shape"]) for n in inputs},
-        (task.meta.get("classes") or None))  # type: ignore[arg-type]
-    steps = [s for s in spec["steps"] if set(s.get("views") or [s.get("view")]) & set(inputs)]  # type: ignore[index]
-    if not image:
-        view = getattr(run.cfg.method, "view", None) or next(iter(task.texts))
-        steps.append(text_step(task, view))
-    manifest.preprocessing["encoders"] = dict(spec) | {"steps": steps}  # type: ignore[arg-type]
-    meta = {"format": "fmtransfer-student", "task": task.name, "model": run.cfg.method.name, "inputs": ",".join(inputs)}
-    example = tuple(task.features[k][task.splits["test"][:4]] for k in inputs)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        for fmt in fmts:
-            if fmt == "safetensors":
-                save_file(shipped_state(shipped), str(tmp / FILE_NAMES[fmt]), metadata=meta)
-                manifest.files[fmt] = file_record(tmp / FILE_NAMES[fmt])
-            else:
-                info = WRITERS[fmt](graph, inputs, example, tmp / FILE_NAMES[fmt], meta)
-                manifest.files[fmt] = file_record(tmp / FILE_NAMES[fmt]) | info
-        (tmp / MANIFEST_NAME).write_text(manifest.to_json())
-        verify_fm_export(tmp, manifest, task, model, run)
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
         if out.exists():
             out.rmdir()

@@ -1,20 +1,22 @@
-"""Export of runs whose method builds the shipped model around a frozen foundation model (levi, the probes).
+"""Export of runs whose method builds the shipped model around a foundation model (levi, the probes,
+ensemble, the fine-tuning baselines).
 
-The run's `student.safetensors` holds that model's own weights (adapters, the small model, heads, feature
-norms), never the backbone's. Export rebuilds the model the training way (the method's `build_model`, the
-run's cached features), loads the weights strictly and checks it reproduces the run's test metric; then it
-wraps it with the live encoder (`models/fm_serve.ServedFM`: raw texts -> tapped features -> the model) and
-checks that path on the test split's raw rows. The manifest references the frozen encoder by package/path
-and file hash (a server installs it, as training did); it is not copied. Only safetensors is written: the
-graph holds a tokenizer that ONNX and TorchScript do not carry.
-The fine-tuning baselines on text (finetune, lp_ft, wise_ft, lora) ship every encoder weight (they trained
-them; LoRA's adapters are merged into the base weights first): `ServedTextFinetune` takes the encoder's
-architecture and tokenizer from the package and the weights from the export. Not exported yet (one-line
-refusal): image backbones, and LEVI's `lora: true` / `tune_backbone: true` (a live backbone inside `taps`).
+Export rebuilds the model the training way (the method's `build_model`, reading the run's cached features),
+loads `student.safetensors` strictly and checks it reproduces the run's test metric; then it serves it on
+the test split's raw rows and checks that path against it:
+- text, frozen backbone (levi, linear_probe, mlp_probe, ensemble): safetensors holds the model's own
+  weights; `models/fm_serve.ServedFM` runs the package's encoder live (referenced by path and file hash,
+  never copied). With LEVI's `tune_backbone` / `lora` the trained backbone (LoRA merged) ships too.
+- text, fine-tuned (finetune, lp_ft, wise_ft, lora): every encoder weight ships (LoRA merged);
+  `ServedTextFinetune` takes the architecture and tokenizer from the package.
+  Text models run a tokenizer, which ONNX and TorchScript files do not hold: safetensors only.
+- images (EfficientNet): one graph from the image view through the backbone (`ImageGraph`), written as
+  TorchScript (always) and ONNX (on request); safetensors keeps the trained weights for the record.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,10 +64,9 @@ def build_own_model(run: Any, task: TaskData) -> nn.Module:
     if isinstance(model, (TextFinetuneModel, ImageFinetuneModel)):
         return _load(model, run, name)
     if not isinstance(model, FMModel):
-        raise ExportError(f"method {name}: exporting its model ({type(model).__name__}"
-                          f"{', ' + model.fm_info.get('modality', '') if isinstance(model, FMModel) else ''}) is not "
-                          "supported yet (served: levi, linear_probe, mlp_probe, ensemble on a frozen FM; finetune, "
-                          "lp_ft, wise_ft, lora); serve it from the run with fmtransfer's Python API")
+        raise ExportError(f"method {name}: its model ({type(model).__name__}) has no export path (served: the "
+                          "frozen-FM models and the text/image fine-tuned models); serve it from the run with "
+                          "fmtransfer's Python API")
     return _load(model, run, name)
 
 
@@ -257,3 +258,66 @@ def raw_rows(task: TaskData, rows: torch.Tensor, manifest: Manifest) -> dict[str
             idx = rows if tv.index == "row" else task.features[tv.index][rows]
             out[step["columns"][0]] = [tv.texts[i] for i in idx.tolist()]
     return out
+
+
+def export_fm_run(run: Any, task: TaskData, out: Path, fmts: list[str]) -> Manifest:
+    """`export_run` for a method's own FM model: text models served on raw texts from safetensors; image models
+    as a graph with the backbone inside (TorchScript always, ONNX on request) beside their safetensors."""
+    import os
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from fmtransfer.export import _manifest, _ReadRecorder
+    from fmtransfer.preprocess import identity_spec
+    from fmtransfer.serving.formats import WRITERS
+    from fmtransfer.serving.manifest import FILE_NAMES, MANIFEST_NAME, file_record
+
+    model = build_own_model(run, task)
+    shipped = shipped_weights(model)  # LoRA: adapters merged into the base weights
+    image = is_image(model)
+    if image:
+        graph = ImageGraph(shipped, run.cfg.method, task).eval()
+        inputs = graph_inputs(graph, task)
+        fmts = [f for f in ("safetensors", "torchscript", "onnx") if f in (*fmts, "torchscript")]
+    else:
+        if fmts != ["safetensors"]:
+            raise ExportError(f"--format {','.join(fmts[1:])}: a {run.cfg.method.name} model runs its FM's tokenizer, "
+                              "which ONNX and TorchScript do not hold; export safetensors (the default)")
+        batch = _ReadRecorder(task.gather(task.splits["test"][:4]))
+        with torch.no_grad():
+            model(batch)
+        inputs = [f for f in task.features if f in batch.read]
+    manifest = _manifest(run, task, model, inputs)
+    manifest.model = fm_model_record(run, model)
+    spec = task.meta.get("preprocessing") or identity_spec(
+        {n: (manifest.features[n]["dtype"], manifest.features[n]["shape"]) for n in inputs},
+        (task.meta.get("classes") or None))  # type: ignore[arg-type]
+    steps = [s for s in spec["steps"] if set(s.get("views") or [s.get("view")]) & set(inputs)]  # type: ignore[index]
+    if not image:
+        view = getattr(run.cfg.method, "view", None) or next(iter(task.texts))
+        steps.append(text_step(task, view))
+    manifest.preprocessing["encoders"] = dict(spec) | {"steps": steps}  # type: ignore[arg-type]
+    meta = {"format": "fmtransfer-student", "task": task.name, "model": run.cfg.method.name, "inputs": ",".join(inputs)}
+    example = tuple(task.features[k][task.splits["test"][:4]] for k in inputs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for fmt in fmts:
+            if fmt == "safetensors":
+                save_file(shipped_state(shipped), str(tmp / FILE_NAMES[fmt]), metadata=meta)
+                manifest.files[fmt] = file_record(tmp / FILE_NAMES[fmt])
+            else:
+                info = WRITERS[fmt](graph, inputs, example, tmp / FILE_NAMES[fmt], meta)
+                manifest.files[fmt] = file_record(tmp / FILE_NAMES[fmt]) | info
+        (tmp / MANIFEST_NAME).write_text(manifest.to_json())
+        verify_fm_export(tmp, manifest, task, model, run)
+        (tmp / MANIFEST_NAME).write_text(manifest.to_json())
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
