@@ -232,17 +232,18 @@ def test_fm_method_runs_export_and_predict_raw_text(method: str, tiny_bert: str,
                              "train.epochs=2"])
     metrics = run_experiment(cfg, tmp_path / "run", quiet=True)
     assert metrics["shipped_model"]["built_by"] == "method"
-    with pytest.raises(ExportError, match="ONNX and TorchScript do not hold"):
-        export_run(tmp_path / "run", tmp_path / "bad", "onnx")
-    man = export_run(tmp_path / "run", tmp_path / "export")
+    graphs = "torchscript,onnx" if HAVE_ONNX and method == "levi" else "torchscript"  # token ids in, FM inside
+    man = export_run(tmp_path / "run", tmp_path / "export", graphs)
+    assert all(man.files[f]["extra_inputs"] == ["input_ids", "attention_mask"] for f in graphs.split(","))
     assert man.model["fm"]["fingerprint"] and man.model["class"].startswith("fmtransfer.models.fm_serve:Served")
     weights = set(__import__("safetensors.torch").torch.load_file(str(tmp_path / "export" / "student.safetensors")))
     if method == "finetune":  # it trained every encoder weight: they ship; the architecture comes from the package
         assert any(k.startswith("encoder.") for k in weights) and man.model["fm"]["kind"] == "finetuned"
     else:  # frozen: the encoder is referenced, not copied
         assert not any(k.startswith(("net.", "taps.net", "encoder.")) for k in weights)
-    check = man.metrics["exported"]["safetensors"]
-    assert check["raw_rows_checked"] and check["max_abs_diff"] <= 0.02
+    for fmt in man.files:
+        check = man.metrics["exported"][fmt]
+        assert check["raw_rows_checked"] and check["max_abs_diff"] <= 0.02
     assert abs(check["cached_test"]["accuracy"] - metrics["test"]["accuracy"]) <= 0.5e-4
     task = build_task(cfg)
     rows = task.splits["test"]
@@ -253,6 +254,10 @@ def test_fm_method_runs_export_and_predict_raw_text(method: str, tiny_bert: str,
     frame.to_json(tmp_path / "rows.jsonl", orient="records", lines=True)
     predict_file(tmp_path / "export", tmp_path / "rows.jsonl", tmp_path / "preds.csv")
     got = pd.read_csv(tmp_path / "preds.csv")
+    for fmt in graphs.split(","):  # the graph files, the tokenizer run by the loader: the same probabilities
+        predict_file(tmp_path / "export", tmp_path / "rows.jsonl", tmp_path / f"preds-{fmt}.csv", fmt)
+        other = pd.read_csv(tmp_path / f"preds-{fmt}.csv")[["prob_0", "prob_1"]].to_numpy()
+        assert np.abs(other - got[["prob_0", "prob_1"]].to_numpy()).max() <= ONNX_ATOL
     acc = float((torch.tensor(got["prediction"].to_numpy()) == task.y[rows]).float().mean())
     assert abs(acc - metrics["test"]["accuracy"]) <= 0.02  # live fp32 features vs the run's fp16 cache
     assert np.allclose(got[["prob_0", "prob_1"]].to_numpy().sum(1), 1, atol=1e-5)

@@ -9,7 +9,8 @@ the test split's raw rows and checks that path against it:
   never copied). With LEVI's `tune_backbone` / `lora` the trained backbone (LoRA merged) ships too.
 - text, fine-tuned (finetune, lp_ft, wise_ft, lora): every encoder weight ships (LoRA merged);
   `ServedTextFinetune` takes the architecture and tokenizer from the package.
-  Text models run a tokenizer, which ONNX and TorchScript files do not hold: safetensors only.
+  On request, text models are also written as TorchScript / ONNX graphs on the views + token ids
+  (`token_graph`; the loader runs the package's tokenizer before the graph).
 - images (EfficientNet): one graph from the image view through the backbone (`ImageGraph`), written as
   TorchScript (always) and ONNX (on request); safetensors keeps the trained weights for the record.
 """
@@ -247,6 +248,24 @@ def verify_fm_export(export_dir: Any, manifest: Manifest, task: TaskData, model:
             "raw_rows_checked": True, "cached_test": {m: rebuilt}, "tolerance_live_vs_cached": FM_LIVE_ATOL}
 
 
+def token_graph(export_dir: Path, manifest: Manifest, task: TaskData,
+                example: tuple[torch.Tensor, ...]) -> tuple[nn.Module, tuple[torch.Tensor, ...], dict[str, Any]]:
+    """A text model as the loader rebuilds it, as a graph on token ids (+ views), with an example batch."""
+    from fmtransfer.models.fm_serve import TOKEN_INPUTS, TokenGraph, tokenize
+    from fmtransfer.serving.loader import load_student, load_tokenizer
+
+    served = load_student(export_dir)
+    rows = task.splits["test"][:4]
+    texts = raw_rows(task, rows, manifest)
+    step = next(s for s in manifest.preprocessing["encoders"]["steps"] if s["op"] == "text")
+    from fmtransfer.preprocess import joined_texts
+
+    enc = tokenize(load_tokenizer(manifest.model["fm"]), joined_texts(texts, step["columns"], step["join"]),
+                   int(manifest.model["fm"]["max_length"]), "pt")
+    tokens = {k: enc[k].long() for k in TOKEN_INPUTS}
+    return TokenGraph(served).eval(), (*example, *tokens.values()), tokens
+
+
 def raw_rows(task: TaskData, rows: torch.Tensor, manifest: Manifest) -> dict[str, Any]:
     """The raw columns of `rows` a served model reads: the task's own, plus the text column(s) of its FM."""
     out: dict[str, Any] = dict(task.raw(rows)) if task.raw is not None else \
@@ -281,9 +300,6 @@ def export_fm_run(run: Any, task: TaskData, out: Path, fmts: list[str]) -> Manif
         inputs = graph_inputs(graph, task)
         fmts = [f for f in ("safetensors", "torchscript", "onnx") if f in (*fmts, "torchscript")]
     else:
-        if fmts != ["safetensors"]:
-            raise ExportError(f"--format {','.join(fmts[1:])}: a {run.cfg.method.name} model runs its FM's tokenizer, "
-                              "which ONNX and TorchScript do not hold; export safetensors (the default)")
         batch = _ReadRecorder(task.gather(task.splits["test"][:4]))
         with torch.no_grad():
             model(batch)
@@ -300,6 +316,7 @@ def export_fm_run(run: Any, task: TaskData, out: Path, fmts: list[str]) -> Manif
     manifest.preprocessing["encoders"] = dict(spec) | {"steps": steps}  # type: ignore[arg-type]
     meta = {"format": "fmtransfer-student", "task": task.name, "model": run.cfg.method.name, "inputs": ",".join(inputs)}
     example = tuple(task.features[k][task.splits["test"][:4]] for k in inputs)
+    extra: dict[str, Any] = {}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -309,9 +326,13 @@ def export_fm_run(run: Any, task: TaskData, out: Path, fmts: list[str]) -> Manif
             if fmt == "safetensors":
                 save_file(shipped_state(shipped), str(tmp / FILE_NAMES[fmt]), metadata=meta)
                 manifest.files[fmt] = file_record(tmp / FILE_NAMES[fmt])
-            else:
-                info = WRITERS[fmt](graph, inputs, example, tmp / FILE_NAMES[fmt], meta)
-                manifest.files[fmt] = file_record(tmp / FILE_NAMES[fmt]) | info
+                (tmp / MANIFEST_NAME).write_text(manifest.to_json())
+                if not image and len(fmts) > 1:  # the graph files hold what the loader rebuilds, on token ids
+                    graph, example, extra = token_graph(tmp, manifest, task, example)
+                continue
+            info = WRITERS[fmt](graph, inputs + list(extra), example, tmp / FILE_NAMES[fmt], meta)
+            manifest.files[fmt] = file_record(tmp / FILE_NAMES[fmt]) | info | (
+                {"extra_inputs": list(extra)} if extra else {})
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
         verify_fm_export(tmp, manifest, task, model, run)
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())

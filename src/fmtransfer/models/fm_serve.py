@@ -46,17 +46,29 @@ class TextTaps(nn.Module):
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths per call: little padding
         parts: list[list[torch.Tensor]] = []
         for s in range(0, len(order), self.chunk):
-            enc = self.tok([texts[i] for i in order[s:s + self.chunk]], padding=True, truncation=True,
-                           max_length=self.max_length, return_tensors="pt")
-            with LayerCapture(self.net, self.paths) as cap:
-                self.net(**enc)
-            out = list(cap.pooled("mean", enc["attention_mask"]).values())
-            parts.append([nn.functional.normalize(o, dim=-1) if self.normalize else o for o in out])
+            enc = tokenize(self.tok, [texts[i] for i in order[s:s + self.chunk]], self.max_length, "pt")
+            parts.append(self.tokens(enc["input_ids"], enc["attention_mask"]))
         if not parts:
             return [torch.zeros(0, int(self.net.config.hidden_size)) for _ in self.paths]
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
         return [torch.cat(f)[inverse] for f in zip(*parts, strict=True)]
+
+    def tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        """Token ids -> pooled states at the tapped layers (the part of the path a graph file holds)."""
+        with LayerCapture(self.net, self.paths) as cap:
+            self.net(input_ids=input_ids, attention_mask=attention_mask)
+        out = list(cap.pooled("mean", attention_mask).values())
+        return [nn.functional.normalize(o, dim=-1) if self.normalize else o for o in out]
+
+
+def tokenize(tok: Any, texts: list[str], max_length: int, tensors: str) -> Any:
+    """How every served text model tokenizes: padded to the longest text, cut at `max_length`."""
+    return tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors=tensors)
+
+
+TOKEN_INPUTS = ["input_ids", "attention_mask"]
+"""What the graph files (ONNX, TorchScript) of a text model take beside the feature views."""
 
 
 class ServedFM(nn.Module):
@@ -68,7 +80,24 @@ class ServedFM(nn.Module):
         object.__setattr__(self, "taps", taps)  # not a submodule: the frozen backbone is never saved
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        if TEXT_KEY not in batch:  # a graph file's call: token ids already in the batch
+            return self.model.live(batch, self.taps.tokens(batch["input_ids"], batch["attention_mask"]))
         return self.model.live(batch, self.taps(list(batch[TEXT_KEY])))
+
+
+class TokenGraph(nn.Module):
+    """A served text model as a graph on token ids (+ views): what ONNX and TorchScript files hold; the
+    tokenizer runs outside (the loader's, from the package)."""
+
+    def __init__(self, served: nn.Module) -> None:
+        super().__init__()
+        self.served = served
+        taps = getattr(served, "taps", None)
+        if taps is not None:
+            self.taps = taps  # registered here, so the graph holds the backbone's weights
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.served(batch)
 
 
 class ServedTextFinetune(nn.Module):
@@ -89,12 +118,14 @@ class ServedTextFinetune(nn.Module):
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         from fmtransfer.models.hf_text import mean_pool
 
-        texts = list(batch[TEXT_KEY])
-        pooled = []
-        for s in range(0, len(texts), self.chunk):
-            enc = self.tok(texts[s:s + self.chunk], padding=True, truncation=True, max_length=self.max_length,
-                           return_tensors="pt")
-            pooled.append(mean_pool(self.encoder(**enc).last_hidden_state, enc["attention_mask"]).float())
+        if TEXT_KEY not in batch:  # a graph file's call: token ids already in the batch
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            pooled = [mean_pool(self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask).float()]
+        else:
+            texts, pooled = list(batch[TEXT_KEY]), []
+            for s in range(0, len(texts), self.chunk):
+                enc = tokenize(self.tok, texts[s:s + self.chunk], self.max_length, "pt")
+                pooled.append(mean_pool(self.encoder(**enc).last_hidden_state, enc["attention_mask"]).float())
         z = (torch.cat(pooled) - self.mu) / self.sd if pooled else torch.zeros(0, len(self.mu))
         out = self.out(self.drop(z))
         return out.squeeze(-1) if self.task_type == "regression" else out

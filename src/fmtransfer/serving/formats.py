@@ -66,9 +66,12 @@ def write_onnx(model: nn.Module, inputs: list[str], example: tuple[torch.Tensor,
     except ImportError:
         raise ExportError(f"--format onnx needs onnx and onnxscript: {EXPORT_INSTALL}") from None
     batch = torch.export.Dim("batch")
-    # integer (N, L) views are hashed n-gram lists: their length L varies from batch to batch
-    dims = tuple({0: batch, 1: torch.export.Dim(f"len_{k}")} if x.dim() == 2 and not x.is_floating_point()
-                 else {0: batch} for k, x in zip(inputs, example, strict=True))
+    # integer (N, L) views are hashed n-gram lists or token ids: their length L varies from batch to batch
+    # (token ids and their attention mask share one length)
+    tokens = torch.export.Dim("tokens")
+    dims = tuple({0: batch, 1: tokens if k in ("input_ids", "attention_mask") else torch.export.Dim(f"len_{k}")}
+                 if x.dim() == 2 and not x.is_floating_point() else {0: batch}
+                 for k, x in zip(inputs, example, strict=True))
     try:
         with _quiet():
             torch.onnx.export(PositionalStudent(model, inputs).eval(), example, str(path), dynamo=True,

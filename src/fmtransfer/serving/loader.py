@@ -97,6 +97,28 @@ def load_student(export_dir: str | Path, trusted: tuple[str, ...] = TRUSTED_MODU
     return model.eval().requires_grad_(False)
 
 
+def check_encoder(fm: dict[str, Any]) -> None:
+    """The text encoder (architecture, tokenizer, frozen weights) installed here must be the export's."""
+    from fmtransfer.models.hf_text import encoder_fingerprint
+
+    try:
+        found = encoder_fingerprint(fm["encoder"])
+    except Exception as e:
+        raise ExportError(f"the model's encoder {fm['encoder']!r} is not installed here ({one_line(e)}); install it "
+                          f"as for training (it was {fm['path']})") from None
+    if found != fm["fingerprint"]:
+        raise ExportError(f"encoder {fm['encoder']!r} here has files hashing to {found}, the export was made with "
+                          f"{fm['fingerprint']}; install the encoder the model was trained with")
+
+
+def load_tokenizer(fm: dict[str, Any]) -> Any:
+    """The tokenizer of a text model's encoder, from the package or folder it names (checked first)."""
+    from fmtransfer.models.hf_text import _transformers, resolve_encoder_path
+
+    check_encoder(fm)
+    return _transformers().AutoTokenizer.from_pretrained(resolve_encoder_path(fm["encoder"]), local_files_only=True)
+
+
 def _load_served_fm(export_dir: str | Path, manifest: Manifest, trusted: tuple[str, ...]) -> nn.Module:
     """A frozen-FM model (levi, probes): its class and weights, wrapped with the live encoder of the package."""
     from safetensors.torch import load_file
@@ -185,6 +207,9 @@ class Predictor:
         self.classes: list[Any] | None = None if manifest.task["type"] == "regression" else \
             list(labels) if labels else list(range(int(n_cls or 0)))
         """Class labels in output order (None for regression)."""
+        self.token_inputs: list[str] = list((manifest.files.get(self.fmt) or {}).get("extra_inputs") or [])
+        """Graph files of text models: the token inputs they take after the views (the tokenizer runs here)."""
+        self._tokenizer: Any = None
 
     def prepare(self, features: Mapping[str, Any]) -> list[np.ndarray]:
         """The input views as contiguous arrays of the manifest's dtypes, checked against its schema."""
@@ -231,6 +256,20 @@ class Predictor:
             raise ExportError("predict_proba: this model predicts a number (regression); use predict")
         return softmax(self.outputs(rows))
 
+    def with_tokens(self, arrays: list[np.ndarray], texts: list[str] | None) -> list[np.ndarray]:
+        """A text model's graph file takes token ids after the views: tokenize the texts as the export did."""
+        if not self.token_inputs:
+            return arrays
+        if texts is None:
+            raise ExportError(f"this {self.manifest.model['name']} model reads texts: pass raw rows to predict "
+                              f"(columns: {', '.join(self.columns)})")
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.manifest.model["fm"])
+        from fmtransfer.models.fm_serve import tokenize
+
+        enc = tokenize(self._tokenizer, texts, int(self.manifest.model["fm"]["max_length"]), "np")
+        return [*arrays, *(np.ascontiguousarray(enc[k], dtype=np.int64) for k in self.token_inputs)]
+
     def decide(self, out: np.ndarray) -> np.ndarray:
         """Raw outputs -> labels (argmax, mapped to `classes`) or the regression value itself."""
         if self.classes is None:
@@ -269,7 +308,7 @@ class TorchScriptPredictor(Predictor):
 
     def _run(self, arrays: list[np.ndarray], texts: list[str] | None = None) -> np.ndarray:
         with torch.inference_mode():
-            return self.module(*map(torch.from_numpy, arrays)).float().numpy()
+            return self.module(*map(torch.from_numpy, self.with_tokens(arrays, texts))).float().numpy()
 
 
 class OnnxPredictor(Predictor):
@@ -280,7 +319,8 @@ class OnnxPredictor(Predictor):
         self.session = session
 
     def _run(self, arrays: list[np.ndarray], texts: list[str] | None = None) -> np.ndarray:
-        return self.session.run(None, dict(zip(self.inputs, arrays, strict=True)))[0]
+        arrays = self.with_tokens(arrays, texts)
+        return self.session.run(None, dict(zip(self.inputs + self.token_inputs, arrays, strict=True)))[0]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
