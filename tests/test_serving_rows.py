@@ -232,7 +232,7 @@ def test_fm_method_runs_export_and_predict_raw_text(method: str, tiny_bert: str,
                              "train.epochs=2"])
     metrics = run_experiment(cfg, tmp_path / "run", quiet=True)
     assert metrics["shipped_model"]["built_by"] == "method"
-    graphs = "torchscript,onnx" if HAVE_ONNX and method == "levi" else "torchscript"  # token ids in, FM inside
+    graphs = "torchscript"  # token ids in, the FM inside (ONNX takes the same graph: ~15 s more, measured by hand)
     man = export_run(tmp_path / "run", tmp_path / "export", graphs)
     assert all(man.files[f]["extra_inputs"] == ["input_ids", "attention_mask"] for f in graphs.split(","))
     assert man.model["fm"]["fingerprint"] and man.model["class"].startswith("fmtransfer.models.fm_serve:Served")

@@ -202,7 +202,8 @@ def _run(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool)
         student_state = {k[len("student."):]: v.contiguous() for k, v in result.best_state.items()
                          if k.startswith("student.")}
         save_file(student_state, str(out / "student.safetensors"),
-                  metadata={"task": task.name, "method": cfg.method.name, "model": cfg.student.name})
+                  metadata={"task": task.name, "method": cfg.method.name,
+                            "model": type(student).__name__ if own_model else cfg.student.name})
         if task.meta.get("preprocessing") is not None:  # the fitted encoders: export checks and ships them
             atomic_write_json(out / PREPROCESSING_NAME, task.meta["preprocessing"])
         if cfg.method.name == "student":
