@@ -38,15 +38,17 @@ class PositionalStudent(nn.Module):
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Silence exporter chatter (deprecation warnings, 'torchvision is not installed' logs, progress prints)."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "onnx_ir")]  # + the optimizer's notes
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def write_safetensors(model: nn.Module, inputs: list[str], example: tuple[torch.Tensor, ...], path: Path,
