@@ -273,3 +273,20 @@ def test_gate_signal_options_are_checked() -> None:
         _strong_method("teacher_temperature: {nope: 2.0}")
     with pytest.raises(ConfigError, match="pre_teachers"):
         _strong_method("gate_signals: [state, pre_teachers], pre_teachers: [nope]")
+
+
+def test_run_with_the_strong_regime_options_reports_importance(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """End to end: the pre-FM gate signals, a per-teacher temperature and the warm-up go through the loop,
+    the checkpoint and the per-segment report (which reads the same signals for validation rows)."""
+    from fmtransfer.run import run_experiment
+
+    cfg = load_config(TINY, [f"cache_dir={tmp_path / 'c'}",
+                             "method={name: diverse_distill, teachers: [wide], gate_signals: [state, uncertainty, "
+                             "pre_teachers], pre_teachers: [deep], teacher_temperature: {wide: 2.0}, "
+                             "foundation_warmup_steps: 3}",
+                             "teachers.deep={recipe: supervised, model: {name: mlp, hidden: [16]}, "
+                             "train: {epochs: 1, batch_size: 32, steps_per_epoch: 3}}"])
+    m = run_experiment(cfg, tmp_path / "run", quiet=True)
+    d = m["method_diagnostics"]
+    assert set(m["teachers"]) == {"wide", "deep"}  # deep is read by the gate only
+    assert set(d["mean_alpha"]) == {"wide"} and set(d["importance_by_segment"]["class"]) == {"0", "1"}
