@@ -107,7 +107,9 @@ def main(argv: list[str] | None = None) -> None:
               f"(student std {sd:.4f} over {len(student)} seeds; target >= 5).")
     print()
 
-    names = list(runs)
+    family = ["student", "kd", "fitnet", "multi_kd", "ca_mkd", "talking", "diverse_distill"]
+    names = sorted(runs, key=lambda n: (next((k for k, f in enumerate(family) if n.startswith(f)), len(family)),
+                                        n != "diverse_distill", n))
     baselines = [n for n in names if not n.startswith("diverse_distill")]
     base = args.baseline or max(
         baselines, key=lambda n: (1 if higher else -1) * statistics.fmean(m["val"][metric] for m in runs[n].values()))
