@@ -290,3 +290,16 @@ def test_run_with_the_strong_regime_options_reports_importance(tmp_path) -> None
     d = m["method_diagnostics"]
     assert set(m["teachers"]) == {"wide", "deep"}  # deep is read by the gate only
     assert set(d["mean_alpha"]) == {"wide"} and set(d["importance_by_segment"]["class"]) == {"0", "1"}
+
+
+def test_teacher_logit_bias_shifts_weights_not_the_gates_regression() -> None:
+    """Golden: alpha = softmax((g + b) / tau) with the floor; the gate's own loss reads g without b."""
+    method, batch = _strong_method("teacher_logit_bias: {fm: 2.0}, entropy_floor: 0.0")
+    plain, _ = _strong_method("entropy_floor: 0.0")
+    z = method.student.body(batch)
+    g = method.gate_scores(z)
+    fm = method.names.index("fm")
+    bias = torch.zeros(2)
+    bias[fm] = 2.0
+    assert torch.allclose(method.importance(z), torch.softmax(g + bias, -1), atol=1e-6)
+    assert torch.allclose(plain.gate_scores(plain.student.body(batch)), g)  # same init: the bias is not in G

@@ -36,6 +36,7 @@ Our reading of DiverseDistill (only the abstract was available; every choice is 
       committee's complementary members: their probabilities, entropy and KD term to the student). All
       are known before the FM runs, so filtering can still skip the FM;
     `teacher_temperature` - a KD temperature per teacher (others use `temperature`);
+    `teacher_logit_bias` - a fixed prior on a teacher's gate score (where it weighs and ranks pairs);
     `foundation_warmup_steps` - teacher-assistant order: the foundation teachers' weights ramp 0 -> 1
       over that many steps, so the complementary teachers teach first.
 All of it is dropped at export: `predict` runs the student alone.
@@ -111,6 +112,9 @@ class DiverseDistillConfig(MethodConfig):
     """Teachers whose cached outputs `pre_teachers` reads; null = the committee's complementary members."""
     teacher_temperature: dict[str, float] = field(default_factory=dict)
     """KD temperature per teacher name (classification); teachers not named use `temperature`."""
+    teacher_logit_bias: dict[str, float] = field(default_factory=dict)
+    """A fixed prior added to a teacher's gate score where it weighs and ranks pairs (not in the gate's own
+    regression): e.g. {fm: 2.0} trusts the FM more while the gate still varies the weights by row."""
     foundation_warmup_steps: int = 0
     """Teacher-assistant order: the foundation teachers' weights ramp linearly 0 -> 1 over this many training
     steps (the complementary teachers teach alone at first); 0 = off."""
@@ -178,10 +182,10 @@ class DiverseDistill(Method):
         self.register_buffer("live_rows", torch.zeros(k, dtype=torch.long))  # rows each live teacher ran on
         self.register_buffer("alpha_sum", torch.zeros(k))
         self.register_buffer("alpha_rows", torch.zeros((), dtype=torch.long))
-        unknown = [n for n in cfg.teacher_temperature if n not in self.names]
+        unknown = [n for n in [*cfg.teacher_temperature, *cfg.teacher_logit_bias] if n not in self.names]
         if unknown:
-            raise ConfigError(f"method.teacher_temperature: {unknown[0]!r} is not in the committee "
-                              f"({', '.join(self.names)})")
+            raise ConfigError(f"method.teacher_temperature / teacher_logit_bias: {unknown[0]!r} is not in the "
+                              f"committee ({', '.join(self.names)})")
         if cfg.foundation_warmup_steps > 0:
             self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
@@ -250,6 +254,12 @@ class DiverseDistill(Method):
             return self.gate(extra)
         return self.gate(z.detach() if extra is None else torch.cat([z.detach(), extra], -1))
 
+    def prior(self, g: torch.Tensor) -> torch.Tensor:
+        """Gate scores plus each teacher's fixed `teacher_logit_bias` (unchanged when none is set)."""
+        if not self.c.teacher_logit_bias:
+            return g
+        return g + torch.tensor([self.c.teacher_logit_bias.get(n, 0.0) for n in self.names], device=g.device)
+
     def foundation_ramp(self) -> torch.Tensor | None:
         """(K,) teacher-assistant multipliers: the foundation teachers' weight ramps 0 -> 1; None when off."""
         n = self.c.foundation_warmup_steps
@@ -264,7 +274,7 @@ class DiverseDistill(Method):
         k = len(self.names)
         if self.c.importance == "equal":
             return torch.full((len(z), k), 1.0 / k, device=z.device)
-        alpha = torch.softmax(self.gate_scores(z, extra) / self.c.tau, -1)
+        alpha = torch.softmax(self.prior(self.gate_scores(z, extra)) / self.c.tau, -1)
         return (1 - self.c.entropy_floor) * alpha + self.c.entropy_floor / k
 
     def keep_mask(self, alpha: torch.Tensor, score: torch.Tensor | None = None) -> torch.Tensor:
@@ -330,7 +340,7 @@ class DiverseDistill(Method):
 
         extra = self.gate_extra(pred, batch)
         alpha = self.importance(z, extra)
-        score = self.gate_scores(z, extra) if c.importance == "learned" else alpha
+        score = self.prior(self.gate_scores(z, extra)) if c.importance == "learned" else alpha
         keep = self.keep_mask(alpha.detach(), score.detach())
         w = alpha.detach() * keep
         ramp = self.foundation_ramp()
