@@ -61,6 +61,7 @@ from fmtransfer.methods.losses import per_row_task_loss
 from fmtransfer.methods.multi_kd import committee
 from fmtransfer.models.base import TaskModel, mlp
 from fmtransfer.plots import lines, stacked_bars
+from fmtransfer.ranges import at_least
 from fmtransfer.registry import METHODS
 
 
@@ -115,7 +116,7 @@ class DiverseDistillConfig(MethodConfig):
     teacher_logit_bias: dict[str, float] = field(default_factory=dict)
     """A fixed prior added to a teacher's gate score where it weighs and ranks pairs (not in the gate's own
     regression): e.g. {fm: 2.0} trusts the FM more while the gate still varies the weights by row."""
-    foundation_warmup_steps: int = 0
+    foundation_warmup_steps: int = field(default=0, metadata=at_least(0))
     """Teacher-assistant order: the foundation teachers' weights ramp linearly 0 -> 1 over this many training
     steps (the complementary teachers teach alone at first); 0 = off."""
 
