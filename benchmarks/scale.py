@@ -7,7 +7,7 @@ For each size it writes the generated table (data/scale_table.py) once, then, ea
 (torchrun for 2 ranks) so that every figure is that phase's own peak RSS:
   cache r=1 / r=2   statistics + encoding + teacher training (rank 0) + teacher pass, into its own cache
   run r=1 / r=2     KD training (configs/table_stream/kd.yaml) reading the cache the OTHER rank count built
-It records per phase the wall seconds, rows/s, peak RSS of each rank (getrusage), and the disk used.
+It records per phase the wall seconds, rows/s, peak RSS of each rank (VmHWM), and the disk used.
 It also times the MiniLM encoder on a small sample of the texts, for the estimate in docs/scale.md.
 `--clean` deletes each size's table and caches after it is measured.
 """
@@ -36,6 +36,18 @@ def _overrides(table: Path, cache: Path, extra: list[str]) -> list[str]:
     return [f"task.path={table}", f"cache_dir={cache}", "train.num_threads=1", "train.device=cpu", *extra]
 
 
+def peak_rss_mib() -> float:
+    """This process's own peak resident set (VmHWM). Not getrusage's ru_maxrss: on Linux that survives
+    fork + exec, so a child would report its parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def worker(phase: str, out: str, overrides: list[str]) -> None:
     """One phase in this process (under torchrun: one rank); writes its timings and peak RSS to `out`."""
     import torch
@@ -45,6 +57,10 @@ def worker(phase: str, out: str, overrides: list[str]) -> None:
     from fmtransfer.train.distributed import init_distributed
 
     torch.set_num_threads(1)
+    if phase == "minilm":
+        table, sample = overrides
+        Path(f"{out}.rank0.json").write_text(json.dumps(minilm_cost(Path(table), int(sample))))
+        os._exit(0)
     cfg = load_config(str(CONFIG), overrides)
     ctx = init_distributed("cpu")
     rec: dict[str, object] = {"rank": ctx.rank, "world": ctx.world}
@@ -62,7 +78,7 @@ def worker(phase: str, out: str, overrides: list[str]) -> None:
         rec |= {"train_s": m["seconds"]["train"], "steps": m["steps"], "cache_s": m["seconds"]["cache"],
                 "eval_s": m["seconds"]["eval"], "test": m["test"], "rows": m["rows"]}
     rec["wall_s"] = time.perf_counter() - t0
-    rec["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rec["peak_rss_mib"] = peak_rss_mib()
     Path(f"{out}.rank{ctx.rank}.json").write_text(json.dumps(rec))
     ctx.barrier()
     sys.stdout.flush()
@@ -72,7 +88,7 @@ def worker(phase: str, out: str, overrides: list[str]) -> None:
 def _launch(phase: str, ranks: int, out: Path, overrides: list[str]) -> list[dict[str, object]]:
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     args = [str(Path(__file__).resolve()), "--worker", phase, "--worker-out", str(out), "--set", *overrides]
-    if ranks == 1:
+    if ranks == 1 or phase == "minilm":
         cmd = [sys.executable, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *args]
@@ -101,7 +117,7 @@ def minilm_cost(table: Path, sample: int) -> dict[str, float]:
     t0 = time.perf_counter()
     embed_texts(texts, tok, model, max_length=64)
     s = time.perf_counter() - t0
-    return {"texts": len(texts), "seconds": s, "s_per_text": s / len(texts)}
+    return {"texts": len(texts), "seconds": s, "s_per_text": s / len(texts), "peak_rss_mib": peak_rss_mib()}
 
 
 def main() -> None:
@@ -149,7 +165,7 @@ def main() -> None:
             rec[f"run_r{r}_reads_cache_of"] = other
             print(f"rows {n} run ranks {r}: {json.dumps(recs)}", flush=True)
         if a.minilm_sample:
-            rec["minilm"] = minilm_cost(table, a.minilm_sample)
+            rec["minilm"] = _launch("minilm", 1, work / "minilm", [str(table), str(a.minilm_sample)])[0]
         rec["disk_bytes"] = _du(work) + table.stat().st_size
         print(json.dumps(rec), flush=True)
         if a.json:
