@@ -120,6 +120,32 @@ def minilm_cost(table: Path, sample: int) -> dict[str, float]:
     return {"texts": len(texts), "seconds": s, "s_per_text": s / len(texts), "peak_rss_mib": peak_rss_mib()}
 
 
+def report(path: Path, batch_size: int = 1024) -> str:
+    """The growth table of docs/scale.md from the records `--json` appended."""
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    head = ("| rows | prepare rows/s (1 / 2 ranks) | teacher pass rows/s (1 / 2) | KD train rows/s (1 / 2) | "
+            "peak RSS MiB, cache (1 / 2) | peak RSS MiB, KD run (1 / 2) | disk bytes/row |")
+    lines = [head, "|" + "---:|" * 7]
+    for r in recs:
+        n = r["rows"]
+
+        def rate(key: str, field: str, rec: dict = r, rows: int = n) -> str:
+            return f"{rows / max(x[field] for x in rec[key]):,.0f}"
+
+        def kd(key: str, rec: dict = r) -> str:
+            x = rec[key][0]
+            return f"{x['steps'] * batch_size / x['train_s']:,.0f}"
+
+        def rss(key: str, rec: dict = r) -> str:
+            return f"{max(x['peak_rss_mib'] for x in rec[key]):,.0f}"
+
+        lines.append(f"| {n:,} | {rate('cache_r1', 'encode_s')} / {rate('cache_r2', 'encode_s')} "
+                     f"| {rate('cache_r1', 'teacher_pass_s')} / {rate('cache_r2', 'teacher_pass_s')} "
+                     f"| {kd('run_r1')} / {kd('run_r2')} | {rss('cache_r1')} / {rss('cache_r2')} "
+                     f"| {rss('run_r1')} / {rss('run_r2')} | {r['disk_bytes'] / n:.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
@@ -130,11 +156,15 @@ def main() -> None:
     p.add_argument("--minilm-sample", type=int, default=256, help="texts timed through MiniLM (0: skip)")
     p.add_argument("--only-generate", action="store_true")
     p.add_argument("--clean", action="store_true", help="delete each size's table and caches when measured")
+    p.add_argument("--report", default=None, metavar="JSON", help="print the growth table of a --json file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
         return worker(a.worker, a.worker_out, a.overrides)
+    if a.report:
+        print(report(Path(a.report)))
+        return None
     sys.path.insert(0, str(ROOT / "src"))
     from fmtransfer.data.scale_table import write_table
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -411,14 +412,13 @@ class StreamTask(TaskData):
                           steps_per_epoch=steps_per_epoch, seed=seed, rank=rank, world=world,
                           buffer_shards=self.cfg.buffer_shards)
 
-    def split_rows(self, split: str, rank: int = 0, world: int = 1) -> list[np.ndarray]:
-        """Row ids of `split`, one array per shard of this rank's share (shards k % world == rank)."""
+    def split_rows(self, split: str, rank: int = 0, world: int = 1) -> Iterator[np.ndarray]:
+        """Row ids of `split`, one array per shard of this rank's share (shards k % world == rank), lazily:
+        a split's id list is never held whole."""
         code = self.split_code(split)
-        out = []
         for k in range(rank, self.store.num_shards, world):
             start, end = self.store.shard_range(k)
-            out.append(np.flatnonzero(self.codes.read(start, end) == code) + start)
-        return out
+            yield np.flatnonzero(self.codes.read(start, end) == code) + start
 
     @torch.no_grad()
     def score_split(self, predict: Any, split: str, batch_size: int, device: torch.device,
