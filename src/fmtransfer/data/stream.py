@@ -183,11 +183,11 @@ def merge_heavy_hitters(summary: dict[str, int], values: list[str], counts: list
     for v, c in zip(values, counts, strict=True):
         summary[v] = summary.get(v, 0) + c
     if len(summary) > capacity:
-        cut = sorted(summary.values(), reverse=True)[capacity]
-        for v in [v for v, c in summary.items() if c <= cut]:
-            del summary[v]
-        for v in summary:
-            summary[v] -= cut
+        counts_now = np.fromiter(summary.values(), np.int64, len(summary))
+        cut = int(np.partition(counts_now, len(counts_now) - 1 - capacity)[len(counts_now) - 1 - capacity])
+        kept = {v: c - cut for v, c in summary.items() if c > cut}
+        summary.clear()
+        summary.update(kept)
 
 
 @dataclass
