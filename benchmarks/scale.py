@@ -48,6 +48,27 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _trace_rss(trace: list[tuple[float, float]], every_s: float = 2.0) -> None:
+    """Sample this process's resident set every `every_s` seconds (does it plateau or climb with rows read?)."""
+    import threading
+
+    t0 = time.perf_counter()
+
+    def loop() -> None:
+        while True:
+            trace.append((round(time.perf_counter() - t0, 1), round(_rss_mib(), 1)))
+            time.sleep(every_s)
+
+    threading.Thread(target=loop, daemon=True).start()
+
+
 def worker(phase: str, out: str, overrides: list[str]) -> None:
     """One phase in this process (under torchrun: one rank); writes its timings and peak RSS to `out`."""
     import torch
@@ -64,6 +85,8 @@ def worker(phase: str, out: str, overrides: list[str]) -> None:
     cfg = load_config(str(CONFIG), overrides)
     ctx = init_distributed("cpu")
     rec: dict[str, object] = {"rank": ctx.rank, "world": ctx.world}
+    trace: list[tuple[float, float]] = []
+    _trace_rss(trace)
     t0 = time.perf_counter()
     if phase == "cache":
         task = open_task(cfg, ctx)
@@ -79,6 +102,7 @@ def worker(phase: str, out: str, overrides: list[str]) -> None:
                 "eval_s": m["seconds"]["eval"], "test": m["test"], "rows": m["rows"]}
     rec["wall_s"] = time.perf_counter() - t0
     rec["peak_rss_mib"] = peak_rss_mib()
+    rec["rss_trace_mib"] = trace[::max(1, len(trace) // 40)]
     Path(f"{out}.rank{ctx.rank}.json").write_text(json.dumps(rec))
     ctx.barrier()
     sys.stdout.flush()
