@@ -182,7 +182,7 @@ def run_stream(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet:
     schema = task.schema()
     if entry.impl.reads_reps or entry.impl.build_model(cfg.method, cfg, schema, ctx.device) is not None:
         raise ConfigError(f"method {cfg.method.name!r} reads teacher representations or ships its own model; "
-                          "a streamed task runs output-level methods (student, kd, multi_kd)")
+                          "a streamed task runs output-level methods (e.g. student, kd)")
     student = MODELS.get(cfg.student.name).impl(cfg.student, schema)
     method = entry.impl(cfg.method, student, schema, teachers)
     torch.manual_seed(cfg.seed)
