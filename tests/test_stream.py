@@ -197,3 +197,23 @@ def test_cache_built_by_two_ranks_is_read_by_one(table: Path, tmp_path: Path) ->
     assert theirs.rows_computed == 0 and mine.fingerprint == theirs.fingerprint
     rows = np.arange(ROWS)
     torch.testing.assert_close(mine.outputs[rows], theirs.outputs[rows], rtol=0, atol=1e-6)
+
+
+def test_folder_of_files_and_capped_vocabulary(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "parts"
+    write_table(folder / "a.parquet", 1500, seed=0, chunk_rows=CHUNK)
+    write_table(folder / "b.parquet", 1500, seed=1, chunk_rows=CHUNK)
+    src = stream.ParquetSource(str(folder))
+    assert src.rows == 3000 and len(src.files) == 2
+    both = pa.concat_tables([pq.read_table(folder / "a.parquet"), pq.read_table(folder / "b.parquet")])
+    span = src.read(1400, 1650, ["item_id", "text"])  # across the file boundary
+    assert span.to_pylist() == both.select(["item_id", "text"]).slice(1400, 250).to_pylist()
+    cfg = _cfg(folder, tmp_path / "c", "task.max_vocab=10")
+    task, _ = open_stream_task(cfg.task, cfg.cache_dir)  # type: ignore[arg-type]
+    assert task.cardinalities["item_id"] == 11 and task.cardinalities["region"] == 11
+    codes = task.features["item_id"][torch.arange(3000)]
+    assert codes.dtype == torch.long and int(codes.min()) == 0 and int(codes.max()) == 10  # 0: unknown bucket
+    top = Counter(both.column("item_id").to_pylist()).most_common(1)[0][0]
+    assert str(top) == task.stats["vocab"]["item_id"][0]  # the most frequent value is kept first
