@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from fmtransfer.config import load_config
+from fmtransfer.integrity import record
 from fmtransfer.serving.manifest import ONNX_ATOL, ExportError
 from tests.conftest import REPO, TINY
 from tests.test_cli import cli
@@ -65,7 +66,7 @@ def test_cli_export_writes_the_student_alone_and_a_manifest(runs: dict[str, Path
     r = cli("export", str(runs["cls"]), "--format", "safetensors", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "test accuracy" in r.stdout and "(run " in r.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "student.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "receipts.json", "student.safetensors"]
     man = json.loads((out / "manifest.json").read_text())
     metrics = json.loads((runs["cls"] / "metrics.json").read_text())
     assert man["task"]["name"] == "synthetic" and man["task"]["type"] == "classification"
@@ -94,7 +95,7 @@ def test_loader_round_trip_equals_the_runs_predictions(kind: str, runs: dict[str
         expected = ref(task.gather(rows))
         assert torch.equal(loaded(task.gather(rows)), expected)
     pred = load_predictor(exports[kind], "safetensors")
-    got = pred.predict({k: task.features[k].numpy() for k in pred.inputs})
+    got = pred.predict_features({k: task.features[k].numpy() for k in pred.inputs})
     np.testing.assert_array_equal(got, expected.numpy())
 
 
@@ -114,7 +115,7 @@ def test_onnx_and_torchscript_match_pytorch_within_tolerance(kind: str, fmt: str
     with torch.no_grad():
         expected = ref(task.gather(torch.arange(task.num_rows))).numpy()
     for bs in (1, 7, task.num_rows):  # the batch axis is dynamic: any batch size
-        got = np.concatenate([pred.predict({k: v[s:s + bs] for k, v in feats.items()})
+        got = np.concatenate([pred.predict_features({k: v[s:s + bs] for k, v in feats.items()})
                               for s in range(0, min(task.num_rows, 50 * bs), bs)])
         np.testing.assert_allclose(got, expected[:len(got)], rtol=0, atol=ONNX_ATOL)
 
@@ -132,7 +133,7 @@ def test_exported_test_metric_equals_the_runs_to_4_decimals(kind: str, runs: dic
     assert set(manifest.files) == {"safetensors", *FORMATS.split(",")}
     for fmt in manifest.files:
         pred = load_predictor(exports[kind], fmt)
-        out = pred.predict({k: task.features[k][rows].numpy() for k in pred.inputs})
+        out = pred.predict_features({k: task.features[k][rows].numpy() for k in pred.inputs})
         value = task.score(torch.from_numpy(out), rows)[m]
         assert f"{value:.4f}" == f"{metrics['test'][m]:.4f}", fmt
         assert f"{manifest.metrics['exported'][fmt]['test'][m]:.4f}" == f"{metrics['test'][m]:.4f}"
@@ -144,7 +145,7 @@ def test_loader_imports_no_training_code(exports: dict[str, Path]) -> None:
         f"d = {str(exports['reg'])!r}\n"
         "p = load_predictor(d, 'safetensors')\n"
         "feats = {'x': np.zeros((3, 8), np.float32), 'user': np.arange(3)}\n"
-        "outs = [load_predictor(d, f).predict(feats) for f in p.manifest.files]\n"
+        "outs = [load_predictor(d, f).predict_features(feats) for f in p.manifest.files]\n"
         "assert all(o.shape == (3,) for o in outs)\n"
         "bad = ('fmtransfer.train', 'fmtransfer.methods', 'fmtransfer.teachers', 'fmtransfer.run',\n"
         "       'fmtransfer.export')\n"
@@ -204,6 +205,7 @@ def test_other_bad_inputs_are_one_line_errors(damage: str, message: str, runs: d
         key = next(iter(state))
         state[key] = torch.full_like(state[key], float("nan")) if damage == "nan-weights" else state[key][:1]
         save_file(state, str(weights))
+        record(run, ["student.safetensors"])  # a consistent file (its receipt matches) that is still wrong
     elif damage == "format":
         fmt = "onnx,pickle"
     else:
@@ -225,6 +227,7 @@ def test_wrapper_prefixes_are_stripped(runs: dict[str, Path], tmp_path: Path) ->
     run = _copy_run(runs["reg"], tmp_path / "ddp-run")
     state = load_file(str(run / "student.safetensors"))
     save_file({f"module.{k}": v for k, v in state.items()}, str(run / "student.safetensors"))
+    record(run, ["student.safetensors"])  # as a run would have written it (receipt of the new bytes)
     export_run(run, tmp_path / "export", "safetensors")
     assert set(load_file(str(tmp_path / "export" / "student.safetensors"))) == set(state)
 
@@ -235,11 +238,11 @@ def test_loader_refuses_altered_files_and_bad_requests(exports: dict[str, Path],
     d = shutil.copytree(exports["cls"], tmp_path / "export")
     pred = load_predictor(d, "safetensors")
     with pytest.raises(ExportError, match="input 'user' is missing"):
-        pred.predict({"x": np.zeros((2, 8), np.float32)})
+        pred.predict_features({"x": np.zeros((2, 8), np.float32)})
     with pytest.raises(ExportError, match=r"ids outside \[0, 20\)"):
-        pred.predict({"x": np.zeros((2, 8), np.float32), "user": np.array([0, 20])})
+        pred.predict_features({"x": np.zeros((2, 8), np.float32), "user": np.array([0, 20])})
     with pytest.raises(ExportError, match="expected \\(N, 8\\)"):
-        pred.predict({"x": np.zeros((2, 3), np.float32), "user": np.array([0, 1])})
+        pred.predict_features({"x": np.zeros((2, 3), np.float32), "user": np.array([0, 1])})
     w = d / "student.safetensors"
     data = bytearray(w.read_bytes())
     data[-1] ^= 0xFF
@@ -247,6 +250,9 @@ def test_loader_refuses_altered_files_and_bad_requests(exports: dict[str, Path],
     with pytest.raises(ExportError, match="does not match its sha256"):
         load_predictor(d, "safetensors")
     (d / "manifest.json").write_text("{}")
+    with pytest.raises(ExportError, match="manifest.json is corrupt or altered"):  # its receipt
+        load_predictor(d, "safetensors")
+    (d / "receipts.json").unlink()  # without receipts (a hand-made folder), the manifest's own checks
     with pytest.raises(ExportError, match="not an fmtransfer student manifest"):
         load_predictor(d, "safetensors")
 

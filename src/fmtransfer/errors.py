@@ -17,3 +17,7 @@ class DataError(FmtError):
 
 class ArtifactError(FmtError):
     """A corrupt or stale checkpoint, cache entry or teacher artifact."""
+
+
+class TrainingDiverged(FmtError, FloatingPointError):
+    """The loss became NaN or inf (a learning rate too high, or non-finite inputs)."""

@@ -13,7 +13,8 @@
       labels: 500
 
 Rows outside `ood_domains` are split at random into train/val/test; each OOD domain is its own suite.
-A missing column, an unreadable file or an unknown format is a one-line error naming the fix.
+A missing column, an unreadable file or an unknown format is a one-line error naming the fix; so are
+bad values (data/checks.py: inf, duplicate columns, a single class, non-UTF-8 bytes), or a warning.
 """
 
 from __future__ import annotations
@@ -27,9 +28,22 @@ import torch
 
 from fmtransfer.config import TaskConfig
 from fmtransfer.data.base import TaskData, TextView, labeled_subset
+from fmtransfer.data.checks import check_labeled, check_table
 from fmtransfer.errors import DataError
+from fmtransfer.preprocess import (
+    category_codes,
+    category_step,
+    encode,
+    fit_vocab,
+    joined_texts,
+    make_spec,
+    numbers,
+    zscore_step,
+)
 from fmtransfer.registry import TASKS
 
+TEXT_JOIN = ". "
+"""The text columns of a row are joined with this before the foundation teacher reads them."""
 READERS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
 
 
@@ -79,6 +93,9 @@ def read_table(path: str) -> Any:
         return pd.read_json(p, lines=True)
     except ImportError:
         raise DataError("reading Parquet needs pyarrow: pip install 'fmtransfer[data]'") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"task.path {path!r}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset "
+                        f"{e.start}); save the file as UTF-8") from None
     except Exception as e:  # pandas raises many types for unreadable files
         raise DataError(f"task.path {path!r} is not a readable {fmt} file ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:120]})") from None
@@ -94,6 +111,7 @@ def build_table(cfg: TableConfig) -> TaskData:
             raise DataError(f"task: column {col!r} is not in {cfg.path} (columns: {', '.join(map(str, df.columns))})")
     if not cfg.text and not cfg.categorical and not cfg.numeric:
         raise DataError("task: name at least one input column (text, categorical or numeric)")
+    check_table(df, cfg)  # duplicate columns, inf, a single class, empty columns (data/checks.py)
     df = df[df[cfg.label].notna()].reset_index(drop=True)
     n = len(df)
     if n < 10:
@@ -105,6 +123,7 @@ def build_table(cfg: TableConfig) -> TaskData:
     n_val, n_test = round(cfg.val_fraction * len(perm)), round(cfg.test_fraction * len(perm))
     val, test, train = np.sort(perm[:n_val]), np.sort(perm[n_val:n_val + n_test]), np.sort(perm[n_val + n_test:])
     labeled, transfer = labeled_subset(train, cfg.labels, cfg.split_seed)
+    check_labeled(df[cfg.label].astype(str).to_numpy(), labeled, cfg)
 
     if cfg.kind == "classification":
         classes = sorted(df[cfg.label].astype(str).unique())
@@ -118,25 +137,29 @@ def build_table(cfg: TableConfig) -> TaskData:
             raise DataError(f"task: label column {cfg.label!r} is not numeric; use kind: classification") from None
         num_classes, classes = None, []
 
-    features: dict[str, torch.Tensor] = {}
+    # every view is made by fmtransfer.preprocess from fitted encoders (recorded: a server applies the same)
+    steps: list[dict[str, Any]] = []
     cards: dict[str, int] = {}
     for col in cfg.categorical:
-        codes, uniques = _codes(df[col])
-        features[col], cards[col] = torch.from_numpy(codes), len(uniques) + 1  # +1: unseen / missing
+        vocab = fit_vocab(df[col])
+        steps.append(category_step(col, col, vocab, 1, 0))  # 0: unseen / missing
+        cards[col] = len(vocab) + 1
     for col in cfg.numeric:
-        try:
-            x = df[col].astype(float).to_numpy()
-        except ValueError:
-            raise DataError(f"task: numeric column {col!r} holds non-numbers; list it under categorical") from None
-        mu, sd = np.nanmean(x[labeled]), np.nanstd(x[labeled]) or 1.0
-        features[col] = torch.from_numpy(np.nan_to_num((x - mu) / sd).astype(np.float32))
+        x = _numeric(df[col], col)
+        mu, sd = np.nanmean(x[labeled]), np.nanstd(x[labeled]) or 1.0  # the labeled training rows only
+        steps.append(zscore_step(col, col, mu, sd, "float64", 0.0))
     texts = {}
     if cfg.text:
-        joined = df[cfg.text].fillna("").astype(str).agg(". ".join, axis=1).tolist()
+        joined = joined_texts({c: df[c].tolist() for c in cfg.text}, cfg.text, TEXT_JOIN)
         texts["row"] = TextView("row", joined)
-    if not features:  # a text-only table: the student still needs a view; give it the row's length
+    if not steps:  # a text-only table: the student still needs a view; give it the row's length
         lengths = np.array([len(t) for t in texts["row"].texts], np.float32)
-        features["text_length"] = torch.from_numpy((lengths - lengths.mean()) / (lengths.std() or 1.0))
+        steps.append({"op": "text_length", "columns": list(cfg.text), "join": TEXT_JOIN, "view": "text_length",
+                      "mean": float(lengths.mean()), "std": float(lengths.std() or 1.0)})
+    spec = make_spec(steps, labels=classes if cfg.kind == "classification" else None,
+                     texts={"row": {"columns": list(cfg.text), "join": TEXT_JOIN}} if cfg.text else None)
+    columns = [*cfg.categorical, *cfg.numeric, *cfg.text]
+    features = {k: torch.from_numpy(v) for k, v in encode(spec, {c: df[c] for c in columns}).items()}
 
     splits = {"train": torch.from_numpy(labeled), "transfer": torch.from_numpy(transfer),
               "val": torch.from_numpy(val), "test": torch.from_numpy(test)}
@@ -151,13 +174,20 @@ def build_table(cfg: TableConfig) -> TaskData:
         name="table", task_type=cfg.kind, features=features, y=y, splits=splits,
         metric="accuracy" if cfg.kind == "classification" else "rmse",
         higher_is_better=cfg.kind == "classification", cardinalities=cards, texts=texts, num_classes=num_classes,
-        meta={"classes": classes, "positive_threshold": cfg.positive_threshold, "source": str(cfg.path)},
+        meta={"classes": classes, "positive_threshold": cfg.positive_threshold, "source": str(cfg.path),
+              "preprocessing": spec},
+        raw=lambda rows: {c: df[c].iloc[rows.numpy()].tolist() for c in columns},
     )
 
 
+def _numeric(series: Any, col: str) -> np.ndarray:
+    try:
+        return numbers(series, col)
+    except DataError:
+        raise DataError(f"task: numeric column {col!r} holds non-numbers; list it under categorical") from None
+
+
 def _codes(series: Any) -> tuple[np.ndarray, list[str]]:
-    """Integer codes 1..K for the values of a column, 0 for missing."""
-    values = series.astype("string")
-    uniques = sorted(v for v in values.dropna().unique())
-    index = {v: k + 1 for k, v in enumerate(uniques)}
-    return values.map(index).fillna(0).astype(np.int64).to_numpy().copy(), uniques
+    """Integer codes 1..K for the values of a column, 0 for missing (`fmtransfer.preprocess` does the work)."""
+    uniques = fit_vocab(series)
+    return category_codes(series, uniques, 1, 0), uniques

@@ -92,8 +92,17 @@ class NgramModel(TaskModel):
         return ids
 
     def body(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        pooled = self.bag(self.bucket_ids(batch))
+        ids = self.bucket_ids(batch)
+        pooled = self.bag(ids) if _eager() else self._bag_as_gather(ids)
         return self.act(self.trunk(self.drop(pooled)))
+
+    def _bag_as_gather(self, ids: torch.Tensor) -> torch.Tensor:
+        """The embedding bag as a gather and a masked sum or mean: what the exported graphs run (torch exports
+        EmbeddingBag to ONNX as a loop over rows, which onnxruntime runs slowly); equal up to float rounding."""
+        emb = nn.functional.embedding(ids, self.bag.weight)
+        keep = (ids != 0).unsqueeze(-1).to(emb.dtype)  # row 0 is padding, never pooled
+        total = (emb * keep).sum(1)
+        return total if self.bag.mode == "sum" else total / keep.sum(1).clamp(min=1.0)
 
     def head(self, z: torch.Tensor) -> torch.Tensor:
         return squeeze_regression(self.out(z), self.task_type)
