@@ -28,10 +28,12 @@ from fmtransfer.cache.store import FeatureStore, FieldSpec
 from fmtransfer.config import RunConfig, TeacherConfig, dump_config, to_dict
 from fmtransfer.data.stream import StreamTask, open_stream_task
 from fmtransfer.errors import ConfigError
+from fmtransfer.integrity import publish
 from fmtransfer.registry import METHODS, MODELS, RECIPES
+from fmtransfer.runfiles import clean_run_dir, write_run_file, write_run_json
 from fmtransfer.train.distributed import DistContext
 from fmtransfer.train.loop import fit
-from fmtransfer.utils import atomic_write_bytes, atomic_write_json, count_params, seed_everything, stable_hash
+from fmtransfer.utils import atomic_write_json, count_params, seed_everything, stable_hash
 
 STREAM_TEACHER_VERSION = 1
 
@@ -168,7 +170,8 @@ def run_stream(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet:
     config_hash = stable_hash(to_dict(cfg))
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / "config.yaml", dump_config(cfg).encode())
+        clean_run_dir(out)
+        write_run_file(out / "config.yaml", dump_config(cfg).encode())
     from fmtransfer.run import DEBUG_DUMP_ENV, JsonlLog, format_summary
 
     log = JsonlLog(out / "log.jsonl" if ctx.is_main else None)
@@ -214,9 +217,9 @@ def run_stream(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet:
     }
     if ctx.is_main:
         state = {k[len("student."):]: v.contiguous() for k, v in result.best_state.items() if k.startswith("student.")}
-        save_file(state, str(out / "student.safetensors"),
-                  metadata={"task": task.name, "method": cfg.method.name, "model": cfg.student.name})
-        atomic_write_json(out / "metrics.json", metrics)
+        st_meta = {"task": task.name, "method": cfg.method.name, "model": cfg.student.name}
+        publish(out / "student.safetensors", lambda tmp: save_file(state, str(tmp), metadata=st_meta))
+        write_run_json(out / "metrics.json", metrics)
         log({"phase": "done", "test": best["test"], "seconds": metrics["seconds"]})
         if not quiet:
             print(format_summary(metrics), flush=True)
