@@ -37,6 +37,7 @@ from fmtransfer.config import TaskConfig, to_dict
 from fmtransfer.data.base import TaskData
 from fmtransfer.data.reviews import stable_ids, tokenize
 from fmtransfer.errors import ConfigError, DataError
+from fmtransfer.ranges import at_least
 from fmtransfer.registry import TASKS
 from fmtransfer.train.stream_plan import StreamPlan
 from fmtransfer.utils import atomic_write_json, stable_hash
@@ -67,7 +68,7 @@ class TableStreamConfig(TaskConfig):
     max_vocab: int = 100_000
     """Categorical values kept per column (the most frequent); the rest share the unknown code 0."""
     max_words: int = 32
-    buffer_shards: int = 4
+    buffer_shards: int = field(default=4, metadata=at_least(1))
     """Shards whose rows are shuffled together into batches (memory: a few shards per field)."""
 
     def __post_init__(self) -> None:
