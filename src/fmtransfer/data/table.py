@@ -5,7 +5,7 @@
       path: data/tickets.parquet
       label: priority                 # the target column
       kind: classification            # or regression
-      text: [subject, body]           # columns the foundation teacher reads (joined with ". ")
+      text: [subject, body]           # the FM reads them joined with ". "; the student reads their hashed n-grams
       categorical: [product, region]  # integer-coded, embedded by the student
       numeric: [age_days]             # z-scored with the training split's mean and std
       domain: region                  # optional: rows whose domain is in `ood_domains` become OOD suites
@@ -13,28 +13,39 @@
       labels: 500
 
 Rows outside `ood_domains` are split at random into train/val/test; each OOD domain is its own suite.
+The joined text also becomes hashed n-gram views (`words1`, `words2`, ... as in `reviews`: CRC-32 hashes
+that a student folds into its own buckets), so a student reads the text beside the other columns; the
+hashing is set by plain config values (`word_ngrams`, `char_ngrams`, `max_tokens`).
 A missing column, an unreadable file or an unknown format is a one-line error naming the fix.
+`path` is resolved relative to the config file that names it (see config.read_config_file).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 
 from fmtransfer.config import TaskConfig
 from fmtransfer.data.base import TaskData, TextView, labeled_subset
+from fmtransfer.data.reviews import PAD, hash_views
 from fmtransfer.errors import DataError
 from fmtransfer.registry import TASKS
 
 READERS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
+TEACHER_TRAIN = {"epochs": 20, "batch_size": 64, "steps_per_epoch": 20, "lr": 0.003}
+"""The loop of the default teachers: a fixed budget of small steps (a few hundred labels are the common case)."""
 
 
 @dataclass
 class TableConfig(TaskConfig):
+    default_student: ClassVar[dict[str, Any] | None] = {"name": "tabular"}
+    check_data: ClassVar[bool] = True
+    """`fmtransfer validate` reads the file and builds the task (the data is the user's, so check it)."""
+
     name: str = "table"
     path: str = ""
     label: str = "label"
@@ -48,15 +59,36 @@ class TableConfig(TaskConfig):
     test_fraction: float = 0.1
     positive_threshold: float | None = None
     """Regression only: also report the AUC of `label >= threshold`."""
+    word_ngrams: list[int] = field(default_factory=lambda: [1, 2])
+    """Word n-gram orders of the text columns, one student view each (`words1`, ...); [] and no
+    `char_ngrams` = the student reads no text."""
+    char_ngrams: list[int] = field(default_factory=list)
+    """Character n-gram orders inside '<word>' (`chars3`, ...), as in `reviews`."""
+    max_tokens: int = 256
+    """Longest n-gram list kept per row and view."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if any(n < 1 for n in [*self.word_ngrams, *self.char_ngrams]) or self.max_tokens < 1:
+            raise DataError("task: n-gram orders and max_tokens must be >= 1")
         if not self.path:
             raise DataError("task.path: name the Parquet, CSV or JSONL file to read")
         if self.ood_domains and not self.domain:
             raise DataError("task.ood_domains needs task.domain (the column that holds each row's domain)")
         if not 0 < self.val_fraction + self.test_fraction < 1:
             raise DataError("task: val_fraction + test_fraction must be in (0, 1)")
+
+
+    @staticmethod
+    def default_teachers(task: dict[str, Any]) -> dict[str, Any]:
+        """Teachers of a config without `teachers:`: MiniLM probed on the text columns (when the table has
+        any) and a wide `tabular` model of every column (complementary), both on the labeled rows."""
+        out: dict[str, Any] = {}
+        if task.get("text"):
+            out["fm"] = {"recipe": "probe", "encoder": "minilm", "train": dict(TEACHER_TRAIN)}
+        out["wide"] = {"recipe": "supervised", "train": dict(TEACHER_TRAIN),
+                       "model": {"name": "tabular", "hidden": [128], "ngram_buckets": 65536, "ngram_dim": 64}}
+        return out
 
 
 def read_table(path: str) -> Any:
@@ -134,7 +166,12 @@ def build_table(cfg: TableConfig) -> TaskData:
     if cfg.text:
         joined = df[cfg.text].fillna("").astype(str).agg(". ".join, axis=1).tolist()
         texts["row"] = TextView("row", joined)
-    if not features:  # a text-only table: the student still needs a view; give it the row's length
+        if cfg.word_ngrams or cfg.char_ngrams:
+            clash = [v for v in _ngram_names(cfg) if v in features]
+            if clash:
+                raise DataError(f"task: column {clash[0]!r} clashes with the n-gram view of that name; rename it")
+            features.update(hash_views(joined, cfg.word_ngrams, cfg.char_ngrams, cfg.max_tokens))
+    if not features:  # a text table without n-grams: the student still needs a view; give it the row's length
         lengths = np.array([len(t) for t in texts["row"].texts], np.float32)
         features["text_length"] = torch.from_numpy((lengths - lengths.mean()) / (lengths.std() or 1.0))
 
@@ -151,8 +188,13 @@ def build_table(cfg: TableConfig) -> TaskData:
         name="table", task_type=cfg.kind, features=features, y=y, splits=splits,
         metric="accuracy" if cfg.kind == "classification" else "rmse",
         higher_is_better=cfg.kind == "classification", cardinalities=cards, texts=texts, num_classes=num_classes,
-        meta={"classes": classes, "positive_threshold": cfg.positive_threshold, "source": str(cfg.path)},
+        meta={"classes": classes, "positive_threshold": cfg.positive_threshold, "source": str(cfg.path),
+              "ngram_views": [v for v in _ngram_names(cfg) if v in features], "hash": "crc32-31bit", "pad": PAD},
     )
+
+
+def _ngram_names(cfg: TableConfig) -> list[str]:
+    return [f"words{n}" for n in cfg.word_ngrams] + [f"chars{n}" for n in cfg.char_ngrams]
 
 
 def _codes(series: Any) -> tuple[np.ndarray, list[str]]:

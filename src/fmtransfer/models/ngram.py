@@ -74,18 +74,7 @@ class NgramModel(TaskModel):
 
     def bucket_ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, L) bucket rows of every chosen view side by side, 0 for padding (trimmed to the longest row)."""
-        parts = []
-        for v in self.views:
-            h = batch.get(v)
-            if h is None or h.dim() != 2:
-                raise DataError(f"model ngram: the batch has no (B, L) n-gram view {v!r}")
-            if _eager():  # trimming padding is only a speed-up (padding rows are not pooled); a traced or
-                # exported graph must not freeze the example batch's width
-                width = int((h >= 0).sum(1).max()) if h.numel() else 0
-                h = h[:, :max(width, 1)]
-            h = h.long()
-            parts.append(torch.where(h >= 0, h % self.buckets + 1, torch.zeros_like(h)))
-        ids = torch.cat(parts, dim=1)
+        ids = bucket_ids(batch, self.views, self.buckets, "model ngram")
         if self.training and self.token_dropout > 0:
             keep = torch.rand(ids.shape, device=ids.device) >= self.token_dropout
             ids = ids * keep
@@ -100,6 +89,24 @@ class NgramModel(TaskModel):
 
     def offset(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | float:
         return self.mean if self.task_type == "regression" else 0.0
+
+
+def bucket_ids(batch: dict[str, torch.Tensor], views: list[str], buckets: int, reader: str) -> torch.Tensor:
+    """(B, L) embedding-bag rows of the n-gram `views` side by side: hash h -> 1 + h % buckets, padding -> 0.
+
+    Shared by `ngram` and the n-gram bag of `tabular`, so both fold a task's hashes the same way."""
+    parts = []
+    for v in views:
+        h = batch.get(v)
+        if h is None or h.dim() != 2:
+            raise DataError(f"{reader}: the batch has no (B, L) n-gram view {v!r}")
+        if _eager():  # trimming padding is only a speed-up (padding rows are not pooled); a traced or
+            # exported graph must not freeze the example batch's width
+            width = int((h >= 0).sum(1).max()) if h.numel() else 0
+            h = h[:, :max(width, 1)]
+        h = h.long()
+        parts.append(torch.where(h >= 0, h % buckets + 1, torch.zeros_like(h)))
+    return torch.cat(parts, dim=1)
 
 
 def _eager() -> bool:
