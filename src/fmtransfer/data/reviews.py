@@ -22,7 +22,7 @@ import re
 import sys
 import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ _TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[!?]")
 
 @dataclass
 class ReviewsConfig(TaskConfig):
+    default_student: ClassVar[dict[str, Any] | None] = {"name": "ngram"}
     name: str = "reviews"
     labels: int | float | None = 250
     """Labeled Tops training rows: a count, a fraction, or null (= all); the rest is the transfer set."""
