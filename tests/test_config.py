@@ -23,10 +23,10 @@ def test_tiny_config_loads_typed() -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("method.temperatur=2", "method.temperatur: unknown key (allowed: name, teacher, temperature"),
+        ("method.temperatur=2", "method.temperatur: unknown key (did you mean 'temperature'?) (allowed: name, teacher"),
         ("train.lr=fast", "train.lr: expected a number, got 'fast'"),
         ("train.precision=fp8", "train.precision: 'fp8' is not allowed (allowed: fp32, bf16)"),
-        ("method.name=kdd", "method.name: unknown method 'kdd' (allowed: "),
+        ("method.name=kdd", "method.name: unknown method 'kdd' (did you mean 'kd'?) (allowed: "),
         ("task.labels=-3", "task.labels: must be > 0"),
         ("task.labels=2.5", "task.labels: a fraction must be <= 1.0"),
         ("teachers.wide.recipe=magic", "teachers.wide.recipe: unknown teacher recipe 'magic'"),
