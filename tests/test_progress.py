@@ -83,3 +83,19 @@ def test_loggers_are_validated_and_keep_teacher_fingerprints(tmp_path: Path) -> 
     # the loggers option must not change what a prepared teacher is (old artifacts stay valid): the value
     # main computed before `loggers` existed
     assert teacher_fingerprint("wide", cfg.teachers["wide"], task, 0) == "cdfc122a88a8da43"
+
+
+def test_a_cache_build_says_what_it_computes_when_there_is_no_bar(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+
+    from fmtransfer.cache.store import FeatureStore, FieldSpec
+
+    def values(start: int, end: int) -> dict[str, np.ndarray]:
+        return {"a": np.ones((end - start, 3), np.float32)}
+
+    store = FeatureStore(tmp_path / "s", "k", {"a": FieldSpec((3,), "float16")}, 50, shard_rows=20)
+    assert store.build(values, desc="encode row texts") == 50
+    err = capsys.readouterr().err
+    assert "fmtransfer: encode row texts: 50 rows to compute" in err and "row/s" not in err
+    assert store.build(values, desc="encode row texts") == 0 and capsys.readouterr().err == ""  # cached: silent
