@@ -69,3 +69,16 @@ def test_run_report_export_from_the_shipped_config(table: Path, tmp_path: Path) 
     exp = cli("export", str(run), "--out", str(tmp_path / "export"))
     assert exp.returncode == 0, exp.stderr
     assert "words1" in exp.stdout and (tmp_path / "export" / "manifest.json").exists()
+
+
+def test_a_config_with_only_the_task_block_runs(table: Path, tmp_path: Path) -> None:
+    """The README's old bring-your-own-data snippet ended in an AttributeError; defaults fill the rest now."""
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text(f"task:\n  name: table\n  path: {table.name}\n  label: recommended\n  text: [review]\n"
+                   "  categorical: [department]\n  numeric: [age]\n  labels: 200\n")
+    (tmp_path / table.name).symlink_to(table)  # the path resolves relative to mine.yaml, not to the cwd
+    r = cli("run", str(cfg), "--out", str(tmp_path / "run"), "--set", f"cache_dir={tmp_path / 'c'}")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["method"] == "student" and m["teachers"] == {} and m["params"]["student"] > 16384 * 32
+    assert "reads no teacher; teacher 'fm' is not prepared" in r.stderr
