@@ -99,3 +99,10 @@ def test_a_cache_build_says_what_it_computes_when_there_is_no_bar(tmp_path: Path
     err = capsys.readouterr().err
     assert "fmtransfer: encode row texts: 50 rows to compute" in err and "row/s" not in err
     assert store.build(values, desc="encode row texts") == 0 and capsys.readouterr().err == ""  # cached: silent
+
+
+def test_tensorboard_missing_is_one_line_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were not installed
+    with pytest.raises(ConfigError, match=r"tensorboard needs the tensorboard package: pip install 'fmtransfer\["):
+        _run(tmp_path, loggers=["tensorboard"])
+    assert not (tmp_path / "run" / "log.jsonl").exists()  # nothing trained
