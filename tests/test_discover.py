@@ -75,3 +75,21 @@ def test_ctrl_c_says_how_to_continue(monkeypatch: pytest.MonkeyPatch, capsys: py
     assert main(cmd) == 130
     err = capsys.readouterr().err
     assert says in err and never not in err
+
+
+def test_did_you_mean_for_teacher_names_and_table_columns(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from fmtransfer.errors import DataError
+    from fmtransfer.validate import check_run
+
+    with pytest.raises(ConfigError, match=r"method.teacher: 'wid' is not a configured teacher \(did you mean 'wide'"):
+        check_run(load_config(raw=tiny_raw(), overrides=["method.teacher=wid"]))
+    with pytest.raises(ConfigError, match=r"reference_teacher: 'wdie' is not a teacher \(did you mean 'wide'"):
+        load_config(raw=tiny_raw(), overrides=["reference_teacher=wdie"])
+    pd = pytest.importorskip("pandas")
+    path = Path(str(tmp_path)) / "t.csv"
+    pd.DataFrame({"priority": ["a", "b"] * 10, "body": ["x y"] * 20}).to_csv(path, index=False)
+    cfg = load_config(raw={"task": {"name": "table", "path": str(path), "label": "priorty", "text": ["body"]}})
+    with pytest.raises(DataError, match=r"column 'priorty' is not in .*t.csv \(did you mean 'priority'\?\)"):
+        check_run(cfg)

@@ -132,7 +132,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.reference_teacher is not None and self.reference_teacher not in self.teachers:
             raise ConfigError(
-                f"reference_teacher: {self.reference_teacher!r} is not a teacher "
+                f"reference_teacher: {self.reference_teacher!r} is not a teacher"
+                f"{did_you_mean(self.reference_teacher, list(self.teachers))} "
                 f"(allowed: {', '.join(self.teachers) or 'none configured'})"
             )
 

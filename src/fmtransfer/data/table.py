@@ -32,7 +32,7 @@ import torch
 from fmtransfer.config import TaskConfig
 from fmtransfer.data.base import TaskData, TextView, labeled_subset
 from fmtransfer.data.reviews import PAD, hash_views
-from fmtransfer.errors import DataError
+from fmtransfer.errors import DataError, did_you_mean
 from fmtransfer.registry import TASKS
 
 READERS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
@@ -123,7 +123,8 @@ def build_table(cfg: TableConfig) -> TaskData:
     wanted = [cfg.label, *cfg.text, *cfg.categorical, *cfg.numeric, *([cfg.domain] if cfg.domain else [])]
     for col in wanted:
         if col not in df.columns:
-            raise DataError(f"task: column {col!r} is not in {cfg.path} (columns: {', '.join(map(str, df.columns))})")
+            raise DataError(f"task: column {col!r} is not in {cfg.path}{did_you_mean(col, list(map(str, df.columns)))} "
+                            f"(columns: {', '.join(map(str, df.columns))})")
     if not cfg.text and not cfg.categorical and not cfg.numeric:
         raise DataError("task: name at least one input column (text, categorical or numeric)")
     df = df[df[cfg.label].notna()].reset_index(drop=True)
