@@ -357,7 +357,8 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def resolve_paths(data: dict[str, Any], folder: Path) -> dict[str, Any]:
     """Make the file paths a config names relative to its own `folder` (as `base:` is), in place:
-    `task.path`, and each teacher's `encoder` (a local model folder: a value with a '/') and `weights`.
+    `task.path`, and each teacher's (and the method's) `encoder` (a local model folder: a value with a '/')
+    and `weights`.
     `cache_dir` and `--out` stay relative to the working directory (they are where runs write)."""
     def fix(section: Any, key: str, path_like: bool = True) -> None:
         v = section.get(key) if isinstance(section, dict) else None
@@ -366,8 +367,8 @@ def resolve_paths(data: dict[str, Any], folder: Path) -> dict[str, Any]:
 
     fix(data.get("task"), "path")
     teachers = data.get("teachers")
-    for t in (teachers.values() if isinstance(teachers, dict) else []):
-        if isinstance(t, dict):
+    for t in [*(teachers.values() if isinstance(teachers, dict) else []), data.get("method")]:
+        if isinstance(t, dict):  # a teacher, or a method that reads an FM itself (levi, probes, finetune)
             fix(t, "encoder", "/" in str(t.get("encoder", "")))
             fix(t, "weights")
     return data

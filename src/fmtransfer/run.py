@@ -200,7 +200,7 @@ def _run(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool,
                  uses_transfer=uses_transfer,
                  ckpt_path=out / "checkpoint.pt", resume=resume, config_hash=config_hash,
                  desc=cfg.method.name, log=epoch_log or log.phase("train"))
-    if epoch_log is not None:
+    if epoch_log is not None:  # (a failed fit leaves the loggers' files as written so far)
         epoch_log.close()
     t_train = time.perf_counter() - t_train0
     diagnostics = method.diagnostics() if hasattr(method, "diagnostics") else None  # over the whole training
