@@ -119,4 +119,4 @@ def test_validate_command() -> None:
     r = cli("validate", str(TINY))
     assert r.returncode == 0 and "ok" in r.stdout
     r = cli("validate", str(TINY), "--set", "train.lr=-1")
-    assert r.returncode == 2 and "train.lr: must be > 0" in r.stderr
+    assert r.returncode == 2 and "train.lr: -1.0 is out of range (allowed: > 0)" in r.stderr

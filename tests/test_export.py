@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from fmtransfer.config import load_config
+from fmtransfer.integrity import record
 from fmtransfer.serving.manifest import ONNX_ATOL, ExportError
 from tests.conftest import REPO, TINY
 from tests.test_cli import cli
@@ -65,7 +66,7 @@ def test_cli_export_writes_the_student_alone_and_a_manifest(runs: dict[str, Path
     r = cli("export", str(runs["cls"]), "--format", "safetensors", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "test accuracy" in r.stdout and "(run " in r.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "student.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "receipts.json", "student.safetensors"]
     man = json.loads((out / "manifest.json").read_text())
     metrics = json.loads((runs["cls"] / "metrics.json").read_text())
     assert man["task"]["name"] == "synthetic" and man["task"]["type"] == "classification"
@@ -204,6 +205,7 @@ def test_other_bad_inputs_are_one_line_errors(damage: str, message: str, runs: d
         key = next(iter(state))
         state[key] = torch.full_like(state[key], float("nan")) if damage == "nan-weights" else state[key][:1]
         save_file(state, str(weights))
+        record(run, ["student.safetensors"])  # a consistent file (its receipt matches) that is still wrong
     elif damage == "format":
         fmt = "onnx,pickle"
     else:
@@ -225,6 +227,7 @@ def test_wrapper_prefixes_are_stripped(runs: dict[str, Path], tmp_path: Path) ->
     run = _copy_run(runs["reg"], tmp_path / "ddp-run")
     state = load_file(str(run / "student.safetensors"))
     save_file({f"module.{k}": v for k, v in state.items()}, str(run / "student.safetensors"))
+    record(run, ["student.safetensors"])  # as a run would have written it (receipt of the new bytes)
     export_run(run, tmp_path / "export", "safetensors")
     assert set(load_file(str(tmp_path / "export" / "student.safetensors"))) == set(state)
 
@@ -247,6 +250,9 @@ def test_loader_refuses_altered_files_and_bad_requests(exports: dict[str, Path],
     with pytest.raises(ExportError, match="does not match its sha256"):
         load_predictor(d, "safetensors")
     (d / "manifest.json").write_text("{}")
+    with pytest.raises(ExportError, match="manifest.json is corrupt or altered"):  # its receipt
+        load_predictor(d, "safetensors")
+    (d / "receipts.json").unlink()  # without receipts (a hand-made folder), the manifest's own checks
     with pytest.raises(ExportError, match="not an fmtransfer student manifest"):
         load_predictor(d, "safetensors")
 

@@ -33,7 +33,7 @@ def _raw(path: Path, **task: object) -> dict[str, object]:
     [
         ({"task": {"path": "nope.csv"}}, DataError, "does not exist"),
         ({"task": {"numeric": ["x", "age"]}}, DataError, "column 'age' is not in"),
-        ({"task": {"label": "const"}}, DataError, "the label column holds one value (same)"),
+        ({"task": {"label": "const"}}, DataError, "label column 'const' holds a single class ('same')"),
         ({"method": {"name": "kd", "teacher": "fn"}}, ConfigError, "method.teacher: 'fn' is not a configured teacher"),
         ({"teachers": {}, "method": {"name": "kd"}}, ConfigError, "method kd needs a teacher; add one under"),
         ({"teachers": {"fm": {"recipe": "probe", "encoder": "/no/such/model"}}}, ConfigError,

@@ -17,7 +17,6 @@ interrupted bench resumes. Teachers appear as their own rows, read from the runs
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -29,6 +28,7 @@ from typing import Any
 from fmtransfer.config import apply_overrides, load_config, read_config_file, read_yaml
 from fmtransfer.errors import ConfigError
 from fmtransfer.evaluate import gap_recovered
+from fmtransfer.runfiles import read_metrics
 from fmtransfer.utils import atomic_write_bytes, atomic_write_json
 
 
@@ -126,7 +126,7 @@ def collect(dirs: list[Path]) -> list[dict[str, Any]]:
         if not d.exists():
             raise ConfigError(f"{d} does not exist")
         for p in _metrics_files(d):
-            m = json.loads(p.read_text())
+            m = read_metrics(p, "run that experiment again, or move its folder out of the report")
             m["_run"] = p.parent.parent.name if p.parent.name.startswith("seed") else p.parent.name
             found.append(m)
     if not found:

@@ -1,6 +1,8 @@
 """Command line: `fmtransfer run | cache | bench | report | validate | list | export | serve-bench`.
 
-User errors (bad config, missing data package, corrupt checkpoint) print one line and exit with 2.
+User errors (bad config, missing data package, corrupt checkpoint, a dead torchrun peer) print one line
+and exit with 2; a bug prints one line and the path of a log holding its traceback, exit 1
+(FMTRANSFER_DEBUG=1 shows the traceback).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from fmtransfer.errors import FmtError
+from fmtransfer.failures import debug, report
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,13 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except FmtError as e:
-        print(f"fmtransfer: error: {e}", file=sys.stderr, flush=True)
-        _exit_worker(2)
-        return 2
     except KeyboardInterrupt:
         print(f"fmtransfer: interrupted{INTERRUPTED.get(args.cmd, '')}", file=sys.stderr)
         return 130
+    except Exception as e:  # one line, never a traceback: 2 for bad input (failures.py), 1 for a bug
+        if debug():
+            raise
+        code = report(e)
+        _exit_worker(code)
+        return code
 
 
 INTERRUPTED = {

@@ -3,7 +3,8 @@
 A run config has fixed top-level sections. The `name` (or `recipe`) key of the `task`, `student`,
 `method` and each teacher selects a registered component, whose own dataclass is the schema of the
 rest of that section; so a new method brings its own options without touching this file.
-Every error is one line naming the key and what is allowed.
+Every error is one line naming the key and what is allowed: numeric options are checked against their
+ranges (ranges.py), a section set to null and a duplicate YAML key are errors (config_checks.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
+from fmtransfer.config_checks import UniqueKeyLoader, check_devices, null_section
 from fmtransfer.errors import ConfigError, did_you_mean
+from fmtransfer.ranges import above, at_least, check_value
 
 
 @dataclass
@@ -60,24 +63,25 @@ class MethodConfig:
 class TrainConfig:
     """The optimisation loop (shared by students and teacher preparation)."""
 
-    epochs: int = 10
-    batch_size: int = 512
-    labeled_batch_size: int | None = None
+    epochs: int = field(default=10, metadata=at_least(1))
+    batch_size: int = field(default=512, metadata=at_least(1))
+    labeled_batch_size: int | None = field(default=None, metadata=at_least(1))
     """Rows of labeled data per step when a method also reads the transfer set (default: batch_size)."""
-    steps_per_epoch: int | None = None
+    steps_per_epoch: int | None = field(default=None, metadata=at_least(1))
     """Fixed steps per epoch (cycling the data); null = one pass over the main stream."""
-    lr: float = 3e-3
-    weight_decay: float = 0.0
+    lr: float = field(default=3e-3, metadata=above(0))
+    weight_decay: float = field(default=0.0, metadata=at_least(0))
     lr_schedule: Literal["constant", "cosine"] = "cosine"
-    grad_clip: float | None = 5.0
-    patience: int | None = None
+    grad_clip: float | None = field(default=5.0, metadata=above(0))
+    """Clip the gradient norm to this (> 0); null = no clipping."""
+    patience: int | None = field(default=None, metadata=at_least(1))
     """Stop after this many epochs without a better validation score (null: run every epoch)."""
     device: str = "auto"
-    """auto, cpu, cuda or cuda:N."""
+    """auto, cpu, cuda or cuda:N (checked against this machine at load)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 autocast for the forward pass (losses stay fp32)."""
-    num_threads: int | None = None
-    eval_batch_size: int = 8192
+    num_threads: int | None = field(default=None, metadata=at_least(1))
+    eval_batch_size: int = field(default=8192, metadata=at_least(1))
     find_unused_parameters: bool = False
     score_last: bool = True
     """When the last epoch is not the best, score its weights on test and OOD too (metrics.json `last_epoch`);
@@ -109,8 +113,8 @@ class TeacherConfig:
     distill_from: str | None = None
     """Another teacher of the run whose outputs this one also learns from, by KD on labeled + transfer
     rows (e.g. a complementary model trained on the FM's pseudo-labels); null = labels only."""
-    distill_weight: float = 1.0
-    distill_temperature: float = 4.0
+    distill_weight: float = field(default=1.0, metadata=at_least(0))
+    distill_temperature: float = field(default=4.0, metadata=above(0))
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -130,6 +134,9 @@ class RunConfig:
     """Prepared teachers, text embeddings and reference results; shared by runs."""
 
     def __post_init__(self) -> None:
+        for name, t in self.teachers.items():
+            if not t.train_splits:
+                raise ConfigError(f"teachers.{name}.train_splits: empty; name at least one split (e.g. [train])")
         if self.reference_teacher is not None and self.reference_teacher not in self.teachers:
             raise ConfigError(
                 f"reference_teacher: {self.reference_teacher!r} is not a teacher"
@@ -209,6 +216,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         _, val_tp = typing.get_args(tp) or (str, Any)
         return {str(k): _coerce(v, val_tp, f"{path}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
+        if value is None:
+            raise ConfigError(null_section(path))
         return from_dict(tp, value, path)
     if tp is bool:
         if not isinstance(value, bool):
@@ -247,6 +256,7 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _resolve_section(cls, name, hints[name], value, _join(path, name))
+        check_value(fields[name], hints[name], kwargs[name], _join(path, name))
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -276,7 +286,8 @@ def _resolve_section(owner: type, name: str, tp: Any, value: Any, path: str) -> 
         return {str(k): _resolve_section(owner, name, TeacherConfig, v, f"{path}.{k}") for k, v in value.items()}
     if isinstance(base, type) and base in selectors:
         registry, key = selectors[base]
-        value = {} if value is None else value
+        if value is None:
+            raise ConfigError(null_section(path))
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
         default_name = getattr(base(), key)
@@ -314,7 +325,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not keys:
         raise ConfigError(f"--set {text!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=UniqueKeyLoader) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return keys, value
@@ -416,24 +427,34 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, Loader=UniqueKeyLoader)  # a SafeLoader that refuses duplicate keys
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
     if data is None:
-        data = {}
+        raise ConfigError(f"{path} is empty; write at least one section (e.g. task: {{name: movielens}})")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                raw: dict[str, Any] | None = None) -> RunConfig:
-    """Read YAML (or take `raw`), apply overrides, validate; any problem raises a one-line ConfigError."""
+                raw: dict[str, Any] | None = None, machine_checks: bool = True) -> RunConfig:
+    """Read YAML (or take `raw`), apply overrides, validate; any problem raises a one-line ConfigError.
+
+    `machine_checks` also checks that the devices named exist here (off when re-reading a finished
+    run's config.yaml, e.g. to export a GPU run on a CPU machine).
+    """
     data = dict(raw) if raw is not None else read_config_file(path) if path is not None else {}
     apply_overrides(data, overrides or [])
-    return from_dict(RunConfig, task_defaults(data))
+    cfg = from_dict(RunConfig, task_defaults(data))
+    if machine_checks:
+        check_devices(cfg)
+    return cfg
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -19,6 +19,10 @@ class ArtifactError(FmtError):
     """A corrupt or stale checkpoint, cache entry or teacher artifact."""
 
 
+class TrainingDiverged(FmtError, FloatingPointError):
+    """The loss became NaN or inf (a learning rate too high, or non-finite inputs)."""
+
+
 def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
     """' (did you mean 'x'?)' for the closest of `choices` to a mistyped `word`, else ''."""
     import difflib

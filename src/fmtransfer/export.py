@@ -26,6 +26,9 @@ from torch import nn
 from fmtransfer.config import RunConfig, load_config, to_dict
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import FmtError
+from fmtransfer.integrity import record
+from fmtransfer.locks import remove_stale_dirs
+from fmtransfer.runfiles import check_run_files
 from fmtransfer.serving.formats import WRITERS
 from fmtransfer.serving.loader import load_predictor
 from fmtransfer.serving.manifest import (
@@ -82,6 +85,7 @@ def open_finished_run(run_dir: str | Path) -> FinishedRun:
             raise ExportError(f"{path}: the run did not finish (no metrics.json); continue it with "
                               f"`fmtransfer run {path / 'config.yaml'} --out {path} --resume`, then export")
         raise ExportError(f"{path}: not a finished run (no metrics.json); pass the --out folder of `fmtransfer run`")
+    check_run_files(path, ("metrics.json", "config.yaml", "student.safetensors"), "run the experiment again")
     try:
         metrics = json.loads((path / "metrics.json").read_text())
         if not isinstance(metrics, dict) or any(k not in metrics for k in RUN_KEYS):
@@ -90,7 +94,7 @@ def open_finished_run(run_dir: str | Path) -> FinishedRun:
         raise ExportError(f"{path / 'metrics.json'} is corrupt ({one_line(e, 120)}); "
                           "run the experiment again") from None
     try:
-        cfg = load_config(path / "config.yaml")
+        cfg = load_config(path / "config.yaml", machine_checks=False)
     except FmtError as e:
         raise ExportError(f"{path / 'config.yaml'} is unusable ({one_line(e, 160)}); "
                           "run the experiment again") from None
@@ -278,6 +282,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, formats: str | Sequence
             "inputs": ",".join(inputs)}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    remove_stale_dirs(out)  # temp folders of a killed export to the same --out
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -287,6 +292,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, formats: str | Sequence
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
         verify_export(tmp, manifest, task, model, run)
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
+        record(tmp, [MANIFEST_NAME, *(rec["file"] for rec in manifest.files.values())])  # receipts.json
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

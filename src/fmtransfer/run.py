@@ -23,12 +23,14 @@ from fmtransfer.config import RunConfig, dump_config, to_dict
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ConfigError
 from fmtransfer.evaluate import gap_recovered
+from fmtransfer.integrity import publish
 from fmtransfer.registry import METHODS, MODELS, TASKS
+from fmtransfer.runfiles import clean_run_dir, read_metrics, write_run_file, write_run_json
 from fmtransfer.teachers.base import PreparedTeacher, find_prepared, prepare_teacher
 from fmtransfer.train.distributed import DistContext, init_distributed, shutdown
 from fmtransfer.train.loggers import EpochLog
 from fmtransfer.train.loop import fit, predict_rows
-from fmtransfer.utils import atomic_write_bytes, atomic_write_json, count_params, seed_everything, stable_hash
+from fmtransfer.utils import atomic_write_json, count_params, seed_everything, stable_hash
 
 DEBUG_DUMP_ENV = "FMTRANSFER_DEBUG_DUMP_STATE"
 """Tests set this to a folder: every rank writes its final trainable state there."""
@@ -138,7 +140,7 @@ def run_experiment(cfg: RunConfig, out_dir: str | Path, resume: bool = False, qu
     metrics_path = out / "metrics.json"
     if metrics_path.exists():
         if resume:
-            return json.loads(metrics_path.read_text())
+            return read_metrics(metrics_path, "delete it and run again with --resume (the checkpoint finishes the run)")
         raise ConfigError(f"{out} already holds a finished run (metrics.json); choose another --out")
     if (out / "checkpoint.pt").exists() and not resume:
         raise ConfigError(f"{out} holds an unfinished run; pass --resume to continue it or choose another --out")
@@ -157,7 +159,8 @@ def _run(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool,
     config_hash = stable_hash(to_dict(cfg))
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / "config.yaml", dump_config(cfg).encode())
+        clean_run_dir(out)
+        write_run_file(out / "config.yaml", dump_config(cfg).encode())
     log = JsonlLog(out / "log.jsonl" if ctx.is_main else None)
     epoch_log = EpochLog(log.phase("train"), cfg.train.loggers, out) if ctx.is_main and cfg.train.loggers else None
     t_start = time.perf_counter()
@@ -236,12 +239,12 @@ def _run(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool,
     if ctx.is_main:
         student_state = {k[len("student."):]: v.contiguous() for k, v in result.best_state.items()
                          if k.startswith("student.")}
-        save_file(student_state, str(out / "student.safetensors"),
-                  metadata={"task": task.name, "method": cfg.method.name, "model": cfg.student.name})
+        st_meta = {"task": task.name, "method": cfg.method.name, "model": cfg.student.name}
+        publish(out / "student.safetensors", lambda tmp: save_file(student_state, str(tmp), metadata=st_meta))
         if cfg.method.name == "student":
             atomic_write_json(_reference_path(cfg, task), {"metric": task.metric, "test": best["test"],
                                                            "ood": best["ood"], "run": str(out)})
-        atomic_write_json(out / "metrics.json", metrics)
+        write_run_json(out / "metrics.json", metrics)
         log({"phase": "done", "test": best["test"], "seconds": metrics["seconds"]})
         if not quiet:
             print(format_summary(metrics), flush=True)
@@ -256,7 +259,10 @@ def _metrics(cfg: RunConfig, task: TaskData, teachers: dict[str, PreparedTeacher
     ref_student = best["test"][m] if cfg.method.name == "student" else None
     ref_path = _reference_path(cfg, task)
     if ref_student is None and ref_path.exists():
-        ref_student = json.loads(ref_path.read_text())["test"][m]
+        try:
+            ref_student = json.loads(ref_path.read_text())["test"][m]
+        except (OSError, ValueError, KeyError, TypeError):  # a damaged cache file: the reference is unknown
+            print(f"fmtransfer: {ref_path} is unreadable; the student-alone reference is left out", flush=True)
     ref_teacher = teachers[ref_name].metrics["test"][m] if ref_name in teachers else None
     best_teacher = None
     for t in teachers.values():

@@ -64,12 +64,27 @@ def _file_hash(path: str, size: int, mtime: float) -> str:
     return h.hexdigest()[:16]
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
+def _normal_mode(fd: int) -> None:
+    """mkstemp creates files 0600; give them the mode an ordinary open() would (0666 minus the umask)."""
+    os.fchmod(fd, 0o666 & ~_UMASK)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temp file in the same folder, then rename: readers never see a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        _normal_mode(fd)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -90,6 +105,7 @@ def atomic_torch_save(path: str | Path, obj: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    _normal_mode(fd)
     os.close(fd)
     try:
         torch.save(obj, tmp)

@@ -10,17 +10,19 @@ Layout of one entry (a folder named by its key):
 Each shard is written to a temp name and renamed, then its receipt is written: a killed build leaves
 complete shards (which a rebuild keeps) and no half-written one. Under torchrun, rank r builds the
 shards k with k % world == r. Reading checks every shard's size and CRC32 against the manifest, so a
-truncated or altered shard is detected and rebuilt rather than used. The key covers the producer's
+truncated or altered shard is detected and rebuilt rather than used.
+A cross-process lock (locks.py) per rank's share of the shards lets two runs that share the cache
+build an entry once: the second waits, then finds the shards written. The key covers the producer's
 fingerprint (weights, config, tapped layers, dtype) and the data's, so a changed teacher or dataset
 gets a new entry.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fmtransfer.errors import ArtifactError
+from fmtransfer.integrity import crc32_file
+from fmtransfer.locks import entry_lock
 from fmtransfer.utils import atomic_write_json, bars_enabled
 
 STORE_VERSION = 1
@@ -44,12 +48,7 @@ class FieldSpec:
     dtype: str = "float16"
 
 
-def _crc(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            crc = zlib.crc32(chunk, crc)
-    return crc
+_crc = crc32_file  # the receipts' CRC32 (integrity.py), shared with every other artifact
 
 
 class FeatureStore:
@@ -128,6 +127,19 @@ class FeatureStore:
         self._verified = False
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "shards").mkdir(exist_ok=True)
+        with entry_lock(self.dir / f"shards-{rank}-of-{world}", f"cache {self.key}"):
+            computed = self._build_mine(produce, rank, world, desc)  # another run may have written them meanwhile
+        if barrier is not None:
+            barrier()
+        with entry_lock(self.dir / "manifest", f"cache {self.key}", enabled=rank == 0):
+            self._write_manifest(rank)
+        if barrier is not None:
+            barrier()
+        return computed
+
+    def _build_mine(self, produce: Callable[[int, int], dict[str, np.ndarray]], rank: int, world: int,
+                    desc: str) -> int:
+        """Write this rank's missing shards (holding the lock of this rank's share of the entry)."""
         todo = [k for k in self.missing_shards() if k % world == rank]
         stale = [k for k in todo if any(self._shard_path(n, k).exists() for n in self.fields)]
         if stale and rank == 0:
@@ -150,6 +162,9 @@ class FeatureStore:
                                         f"{(end - start, *spec.shape)}; the teacher's outputs do not fit the spec")
                 final = self._shard_path(name, k)
                 tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+                for old in final.parent.glob(f".{final.name}.tmp*"):  # left by a killed build (we hold the lock)
+                    with contextlib.suppress(OSError):
+                        old.unlink()
                 with open(tmp, "wb") as f:
                     np.save(f, a)
                 os.replace(tmp, final)
@@ -159,17 +174,15 @@ class FeatureStore:
             computed += end - start
             bar.update(end - start)
         bar.close()
-        if barrier is not None:
-            barrier()
+        return computed
+
+    def _write_manifest(self, rank: int) -> None:
         if rank == 0:
             receipts = [self._valid_receipt(k, check_crc=False) for k in range(self.num_shards)]
             if any(r is None for r in receipts):
                 raise ArtifactError(f"cache {self.key}: shards missing after the build; check disk space in {self.dir}")
             atomic_write_json(self.dir / "manifest.json", {"store": self._expected(),
                                                            "shards": [r["files"] for r in receipts]})
-        if barrier is not None:
-            barrier()
-        return computed
 
     # -------------------------------------------------------------------------------------------- read
 

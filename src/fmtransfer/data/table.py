@@ -16,7 +16,8 @@ Rows outside `ood_domains` are split at random into train/val/test; each OOD dom
 The joined text also becomes hashed n-gram views (`words1`, `words2`, ... as in `reviews`: CRC-32 hashes
 that a student folds into its own buckets), so a student reads the text beside the other columns; the
 hashing is set by plain config values (`word_ngrams`, `char_ngrams`, `max_tokens`).
-A missing column, an unreadable file or an unknown format is a one-line error naming the fix.
+A missing column, an unreadable file or an unknown format is a one-line error naming the fix; so are
+bad values (data/checks.py: inf, duplicate columns, a single class, non-UTF-8 bytes), or a warning.
 `path` is resolved relative to the config file that names it (see config.read_config_file).
 """
 
@@ -31,6 +32,7 @@ import torch
 
 from fmtransfer.config import TaskConfig
 from fmtransfer.data.base import TaskData, TextView, labeled_subset
+from fmtransfer.data.checks import check_labeled, check_table
 from fmtransfer.data.reviews import PAD, hash_views
 from fmtransfer.errors import DataError, did_you_mean
 from fmtransfer.registry import TASKS
@@ -111,6 +113,9 @@ def read_table(path: str) -> Any:
         return pd.read_json(p, lines=True)
     except ImportError:
         raise DataError("reading Parquet needs pyarrow: pip install 'fmtransfer[data]'") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"task.path {path!r}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset "
+                        f"{e.start}); save the file as UTF-8") from None
     except Exception as e:  # pandas raises many types for unreadable files
         raise DataError(f"task.path {path!r} is not a readable {fmt} file ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:120]})") from None
@@ -127,6 +132,7 @@ def build_table(cfg: TableConfig) -> TaskData:
                             f"(columns: {', '.join(map(str, df.columns))})")
     if not cfg.text and not cfg.categorical and not cfg.numeric:
         raise DataError("task: name at least one input column (text, categorical or numeric)")
+    check_table(df, cfg)  # duplicate columns, inf, a single class, empty columns (data/checks.py)
     df = df[df[cfg.label].notna()].reset_index(drop=True)
     n = len(df)
     if n < 10:
@@ -138,6 +144,7 @@ def build_table(cfg: TableConfig) -> TaskData:
     n_val, n_test = round(cfg.val_fraction * len(perm)), round(cfg.test_fraction * len(perm))
     val, test, train = np.sort(perm[:n_val]), np.sort(perm[n_val:n_val + n_test]), np.sort(perm[n_val + n_test:])
     labeled, transfer = labeled_subset(train, cfg.labels, cfg.split_seed)
+    check_labeled(df[cfg.label].astype(str).to_numpy(), labeled, cfg)
 
     if cfg.kind == "classification":
         classes = sorted(df[cfg.label].astype(str).unique())

@@ -18,6 +18,7 @@ from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ConfigError
 from fmtransfer.models.base import TaskModel, mlp, output_dim, squeeze_regression
 from fmtransfer.models.ngram import bucket_ids
+from fmtransfer.ranges import at_least
 from fmtransfer.registry import MODELS
 
 
@@ -165,7 +166,7 @@ class TabularConfig(MLPConfig):
     name: str = "tabular"
     hidden: list[int] = field(default_factory=lambda: [32])
     dropout: float = 0.1
-    ngram_buckets: int = 16384
+    ngram_buckets: int = field(default=16384, metadata=at_least(1))
     """Rows of the embedding bag that the text columns' n-gram hashes fold into (1 + hash % buckets)."""
     ngram_dim: int = 32
     token_dropout: float = 0.2

@@ -24,6 +24,7 @@ from torch import nn
 
 from fmtransfer.config import RunConfig
 from fmtransfer.data.base import TaskData
+from fmtransfer.integrity import verify_folder
 from fmtransfer.models.hf_text import load_encoder, mean_pool, resolve_encoder_path
 from fmtransfer.registry import MODELS, RECIPES
 from fmtransfer.serving.manifest import ExportError, one_line
@@ -145,7 +146,15 @@ def build_fm_path(cfg: RunConfig, metrics: dict[str, Any], task: TaskData, name:
                           f"cache_dir (config says {cfg.cache_dir!r})")
     spec = builder(tcfg, task)
     model = spec.model
-    state = load_file(str(artifact / "weights.safetensors"))
+    damaged = verify_folder(artifact, ("weights.safetensors", "meta.json", "outputs.npy"))
+    if damaged is not None:
+        raise ExportError(f"teacher {name!r}: artifact {artifact} is corrupt ({damaged}); delete that folder and "
+                          "prepare the teacher again (fmtransfer cache CONFIG)")
+    try:
+        state = load_file(str(artifact / "weights.safetensors"))
+    except Exception as e:  # safetensors raises SafetensorError on a damaged header
+        raise ExportError(f"teacher {name!r}: {artifact / 'weights.safetensors'} does not load ({one_line(e)}); "
+                          "delete that folder and prepare the teacher again (fmtransfer cache CONFIG)") from None
     live = {k: v for k, v in state.items() if not k.startswith(spec.cached_prefix)}
     try:
         missing, unexpected = model.load_state_dict(live, strict=False)

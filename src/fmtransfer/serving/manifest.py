@@ -3,7 +3,7 @@
 An export folder holds `manifest.json` and one file per format (`student.safetensors` always, then
 `student.onnx` and `student.torchscript.pt` on request). The manifest is plain JSON so that a server
 in any language can read the input schema; `fmtransfer.serving.loader` reads it to rebuild the student.
-This module imports nothing of fmtransfer but its errors.
+This module imports nothing of fmtransfer but its errors and integrity receipts (standard library only).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fmtransfer.errors import FmtError
+from fmtransfer.integrity import check
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_KIND = "fmtransfer-student"
@@ -87,6 +88,9 @@ def read_manifest(export_dir: str | Path) -> Manifest:
     if not path.is_file():
         raise ExportError(f"{export_dir}: no {MANIFEST_NAME}; create the folder with "
                           "`fmtransfer export RUN_DIR --out DIR`")
+    why = check(path)
+    if why is not None:
+        raise ExportError(f"{path} is corrupt or altered ({why}); export the run again")
     return Manifest.from_json(path.read_text(), str(path))
 
 

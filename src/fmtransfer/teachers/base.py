@@ -5,11 +5,13 @@ a hybrid, or a wider application model); preparation trains it on the labeled ro
 selection, runs it once over every row of the task, and stores weights + outputs + metrics under
 `<cache_dir>/teachers/<name>-<fingerprint>/`. The fingerprint covers the task's content, the recipe's
 config, the seed and the foundation model's weights, so any change prepares a new artifact; a
-truncated or inconsistent artifact is detected and rebuilt, never used.
+truncated or inconsistent artifact is detected and rebuilt, never used: `receipts.json` holds the
+size and CRC32 of each file (integrity.py), and a lock (locks.py) lets one process build it at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -26,6 +28,8 @@ from safetensors.torch import load_file, save_file
 from fmtransfer.config import MethodConfig, TeacherConfig, to_dict
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ArtifactError, ConfigError, DataError
+from fmtransfer.integrity import check, read_receipts, record, verify_folder
+from fmtransfer.locks import entry_lock, remove_stale_dirs
 from fmtransfer.models.base import TaskModel
 from fmtransfer.registry import RECIPES
 from fmtransfer.train.distributed import DistContext
@@ -33,6 +37,7 @@ from fmtransfer.train.loop import fit, predict_rows
 from fmtransfer.utils import atomic_write_json, count_params, stable_hash
 
 ARTIFACT_VERSION = 3  # 2: text embeddings in the fp16 feature store; 3: reps.npy (the teacher body output)
+ARTIFACT_FILES = ("meta.json", "outputs.npy", "reps.npy", "weights.safetensors")
 
 
 @dataclass
@@ -162,6 +167,9 @@ def _load_artifact(path: Path, fp: str, task: TaskData) -> dict[str, Any] | None
     if not meta_path.exists():
         return None
     try:
+        damaged = verify_folder(path, ARTIFACT_FILES)  # receipts: size + CRC32 of every file (integrity.py)
+        if damaged is not None:
+            raise ValueError(damaged)
         meta = json.loads(meta_path.read_text())
         outputs = np.load(path / "outputs.npy", allow_pickle=False)
         if not (path / "weights.safetensors").exists():
@@ -179,6 +187,9 @@ def _load_artifact(path: Path, fp: str, task: TaskData) -> dict[str, Any] | None
     except (ValueError, OSError, EOFError, json.JSONDecodeError) as e:
         print(f"fmtransfer: teacher artifact {path.name} is unusable ({e}); preparing it again", flush=True)
         return None
+    if read_receipts(path) is None:  # prepared before receipts existed: record them now, so later damage shows
+        with contextlib.suppress(OSError):
+            record(path, ARTIFACT_FILES)
     return {"meta": meta, "outputs": torch.from_numpy(outputs.astype(np.float32)), "reps": reps}
 
 
@@ -198,10 +209,12 @@ def prepare_teacher(name: str, cfg: TeacherConfig, task: TaskData, cache_dir: st
     fp = teacher_fingerprint(name, cfg, task, seed, source)
     precomputed = RECIPES.get(cfg.recipe).impl.precompute(cfg, task, cache_dir, ctx) if ctx.enabled else 0
     path = _artifact_dir(cache_dir, name, fp)
-    art = _load_artifact(path, fp, task) if ctx.is_main else None
-    built_now = ctx.is_main and art is None
-    if built_now:
-        _build_and_store(name, cfg, task, cache_dir, path, fp, seed, ctx.device, log, source)
+    with entry_lock(path, f"teacher {name!r}", enabled=ctx.is_main):  # another run may publish it meanwhile
+        art = _load_artifact(path, fp, task) if ctx.is_main else None
+        built_now = ctx.is_main and art is None
+        if built_now:
+            remove_stale_dirs(path)
+            _build_and_store(name, cfg, task, cache_dir, path, fp, seed, ctx.device, log, source)
     ctx.barrier()
     if art is None:  # built just now, or another rank's turn to read it
         art = _load_artifact(path, fp, task)
@@ -297,6 +310,7 @@ def _build_and_store(name: str, cfg: TeacherConfig, task: TaskData, cache_dir: P
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in method.student.state_dict().items()},
               str(tmp / "weights.safetensors"))
     atomic_write_json(tmp / "meta.json", meta)
+    record(tmp, ARTIFACT_FILES)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
 
@@ -307,6 +321,9 @@ def load_teacher_weights(teacher: PreparedTeacher, cfg: TeacherConfig, task: Tas
     recipe = RECIPES.get(cfg.recipe).impl
     built = recipe.build(cfg, task, Path(cache_dir), device or torch.device("cpu"))
     try:
+        damaged = check(teacher.path / "weights.safetensors")
+        if damaged is not None:
+            raise ValueError(f"weights.safetensors: {damaged}")
         state = load_file(str(teacher.path / "weights.safetensors"))
         built.model.load_state_dict(state)
     except Exception as e:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from fmtransfer.config import TrainConfig
 from fmtransfer.data.base import TaskData
+from fmtransfer.errors import TrainingDiverged
 from fmtransfer.train.batches import BatchPlan
 from fmtransfer.train.checkpoint import load_checkpoint, save_checkpoint
 from fmtransfer.train.distributed import DistContext
@@ -33,6 +34,8 @@ from fmtransfer.utils import bars_enabled
 
 DEBUG_EXIT_ENV = "FMTRANSFER_DEBUG_EXIT_AFTER_EPOCH"
 """Tests set this to N to make the process die right after epoch N's checkpoint (a real kill)."""
+DEBUG_EXIT_RANK_ENV = "FMTRANSFER_DEBUG_EXIT_RANK"
+"""With DEBUG_EXIT_ENV: only this rank dies (its torchrun peers then lose it mid-job)."""
 
 
 @dataclass
@@ -168,8 +171,8 @@ def fit(method: nn.Module, task: TaskData, cfg: TrainConfig, *, seed: int, ctx: 
                 terms = model(batch)
             loss = terms["loss"].float()
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}; "
-                                         "lower train.lr or check the inputs")
+                raise TrainingDiverged(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}; "
+                                       "lower train.lr or check the inputs for NaN or inf")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -211,7 +214,8 @@ def fit(method: nn.Module, task: TaskData, cfg: TrainConfig, *, seed: int, ctx: 
                 "history": history, "bad_epochs": bad_epochs, "steps": steps, "teacher_rows_read": rows_read,
             })
         ctx.barrier()
-        if os.environ.get(DEBUG_EXIT_ENV) == str(epoch + 1):
+        if os.environ.get(DEBUG_EXIT_ENV) == str(epoch + 1) and os.environ.get(DEBUG_EXIT_RANK_ENV, str(ctx.rank)) \
+                == str(ctx.rank):
             os._exit(17)
     return FitResult(best_state=best_state, best_epoch=best_epoch + 1, best_score=best_score,
                      last_state=_cpu_state(method), history=history, steps=steps,

@@ -1,0 +1,61 @@
+"""The files of a run folder, written with receipts and read back only when they match them.
+
+`fmtransfer run --out DIR` writes config.yaml, checkpoint.pt, student.safetensors and metrics.json
+through `integrity.publish`, so `DIR/receipts.json` holds the size and CRC32 of each. `--resume`,
+`report`, `export` and `serve-bench` read them through here: a truncated, byte-flipped or hand-edited
+file is a one-line error naming it and the fix, never a traceback or a silent use.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fmtransfer.errors import ArtifactError
+from fmtransfer.integrity import check, publish, remove_stale_temps
+
+RUN_FILES = ("config.yaml", "checkpoint.pt", "student.safetensors", "metrics.json", "log.jsonl", "receipts.json")
+
+
+def write_run_file(path: Path, data: bytes) -> None:
+    """Write one run file (temp + rename) and its receipt."""
+    publish(path, lambda tmp: tmp.write_bytes(data))
+
+
+def write_run_json(path: Path, obj: Any) -> None:
+    from fmtransfer.utils import _json_default
+
+    write_run_file(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
+
+
+def read_metrics(path: Path, fix: str) -> dict[str, Any]:
+    """A run's metrics.json as a dict, after its receipt check; anything else is a one-line ArtifactError."""
+    why = check(path)
+    if why is None:
+        try:
+            data = json.loads(path.read_text())
+            why = None if isinstance(data, dict) else f"it holds a {type(data).__name__}, not a mapping"
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            why = f"not valid JSON: {getattr(e, 'msg', type(e).__name__)}"
+    if why is not None:
+        raise ArtifactError(f"{path} is corrupt ({why}); {fix}")
+    return data
+
+
+def clean_run_dir(out: Path) -> list[Path]:
+    """Remove temp files that a killed write left in a run folder (call before the run writes anything)."""
+    gone = remove_stale_temps(out, RUN_FILES)
+    if gone:
+        print(f"fmtransfer: removed {len(gone)} temp file(s) left by an interrupted write in {out}", flush=True)
+    return gone
+
+
+def check_run_files(run_dir: Path, names: tuple[str, ...], fix: str) -> None:
+    """Raise one ArtifactError line for the first present file of `names` that does not match its receipt."""
+    for name in names:
+        p = run_dir / name
+        if p.exists():
+            why = check(p)
+            if why is not None:
+                raise ArtifactError(f"{p} is corrupt or altered ({why}); {fix}")
