@@ -53,6 +53,13 @@ def test_readme_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     acc = float(np.mean(pred == np.asarray(result.task.meta["classes"], dtype=object)[
         result.task.y[result.task.splits["test"]].numpy()]))
     assert acc == pytest.approx(m["test"]["accuracy"])  # the returned model is the one that was scored
+    # new raw rows (the source columns) are encoded as in training: the same predictions as the task's rows
+    from fmtransfer.data.table import read_table
+
+    test_rows = result.task.splits["test"].numpy()
+    frame = read_table(str(tmp_path / "data" / "clothing.csv"))
+    frame = frame[frame["recommended"].notna()].reset_index(drop=True).iloc[test_rows]
+    assert list(result.predict(frame)) == list(pred)
     # the run folder records where its data came from: the frame, written beside metrics.json
     assert (result.run_dir / "data.parquet").exists() or (result.run_dir / "data.csv").exists()
 

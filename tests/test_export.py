@@ -95,7 +95,7 @@ def test_loader_round_trip_equals_the_runs_predictions(kind: str, runs: dict[str
         expected = ref(task.gather(rows))
         assert torch.equal(loaded(task.gather(rows)), expected)
     pred = load_predictor(exports[kind], "safetensors")
-    got = pred.predict({k: task.features[k].numpy() for k in pred.inputs})
+    got = pred.predict_features({k: task.features[k].numpy() for k in pred.inputs})
     np.testing.assert_array_equal(got, expected.numpy())
 
 
@@ -115,7 +115,7 @@ def test_onnx_and_torchscript_match_pytorch_within_tolerance(kind: str, fmt: str
     with torch.no_grad():
         expected = ref(task.gather(torch.arange(task.num_rows))).numpy()
     for bs in (1, 7, task.num_rows):  # the batch axis is dynamic: any batch size
-        got = np.concatenate([pred.predict({k: v[s:s + bs] for k, v in feats.items()})
+        got = np.concatenate([pred.predict_features({k: v[s:s + bs] for k, v in feats.items()})
                               for s in range(0, min(task.num_rows, 50 * bs), bs)])
         np.testing.assert_allclose(got, expected[:len(got)], rtol=0, atol=ONNX_ATOL)
 
@@ -133,7 +133,7 @@ def test_exported_test_metric_equals_the_runs_to_4_decimals(kind: str, runs: dic
     assert set(manifest.files) == {"safetensors", *FORMATS.split(",")}
     for fmt in manifest.files:
         pred = load_predictor(exports[kind], fmt)
-        out = pred.predict({k: task.features[k][rows].numpy() for k in pred.inputs})
+        out = pred.predict_features({k: task.features[k][rows].numpy() for k in pred.inputs})
         value = task.score(torch.from_numpy(out), rows)[m]
         assert f"{value:.4f}" == f"{metrics['test'][m]:.4f}", fmt
         assert f"{manifest.metrics['exported'][fmt]['test'][m]:.4f}" == f"{metrics['test'][m]:.4f}"
@@ -145,7 +145,7 @@ def test_loader_imports_no_training_code(exports: dict[str, Path]) -> None:
         f"d = {str(exports['reg'])!r}\n"
         "p = load_predictor(d, 'safetensors')\n"
         "feats = {'x': np.zeros((3, 8), np.float32), 'user': np.arange(3)}\n"
-        "outs = [load_predictor(d, f).predict(feats) for f in p.manifest.files]\n"
+        "outs = [load_predictor(d, f).predict_features(feats) for f in p.manifest.files]\n"
         "assert all(o.shape == (3,) for o in outs)\n"
         "bad = ('fmtransfer.train', 'fmtransfer.methods', 'fmtransfer.teachers', 'fmtransfer.run',\n"
         "       'fmtransfer.export')\n"
@@ -238,11 +238,11 @@ def test_loader_refuses_altered_files_and_bad_requests(exports: dict[str, Path],
     d = shutil.copytree(exports["cls"], tmp_path / "export")
     pred = load_predictor(d, "safetensors")
     with pytest.raises(ExportError, match="input 'user' is missing"):
-        pred.predict({"x": np.zeros((2, 8), np.float32)})
+        pred.predict_features({"x": np.zeros((2, 8), np.float32)})
     with pytest.raises(ExportError, match=r"ids outside \[0, 20\)"):
-        pred.predict({"x": np.zeros((2, 8), np.float32), "user": np.array([0, 20])})
+        pred.predict_features({"x": np.zeros((2, 8), np.float32), "user": np.array([0, 20])})
     with pytest.raises(ExportError, match="expected \\(N, 8\\)"):
-        pred.predict({"x": np.zeros((2, 3), np.float32), "user": np.array([0, 1])})
+        pred.predict_features({"x": np.zeros((2, 3), np.float32), "user": np.array([0, 1])})
     w = d / "student.safetensors"
     data = bytearray(w.read_bytes())
     data[-1] ^= 0xFF

@@ -1,5 +1,5 @@
 """The shipped table example: the script writes a real table, every configs/table config validates on it,
-and a run goes end to end (run, report, export) from the configs as shipped."""
+and a run goes end to end (run, report, export, predict) from the configs as shipped."""
 
 from __future__ import annotations
 
@@ -69,6 +69,13 @@ def test_run_report_export_from_the_shipped_config(table: Path, tmp_path: Path) 
     exp = cli("export", str(run), "--out", str(tmp_path / "export"))
     assert exp.returncode == 0, exp.stderr
     assert "words1" in exp.stdout and (tmp_path / "export" / "manifest.json").exists()
+    # predict: the user's raw file in, one prediction per row out (the same encoders as training)
+    pred = cli("predict", str(tmp_path / "export"), "--input", str(table), "--out", str(tmp_path / "preds.csv"))
+    assert pred.returncode == 0, pred.stderr
+    import pandas as pd
+
+    out = pd.read_csv(tmp_path / "preds.csv")
+    assert len(out) == 680 and set(out["prediction"]) <= {"yes", "no"} and {"prob_no", "prob_yes"} <= set(out)
 
 
 def test_a_config_with_only_the_task_block_runs(table: Path, tmp_path: Path) -> None:

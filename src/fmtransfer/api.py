@@ -44,17 +44,32 @@ class Result:
             return self.task.splits[key]
         return torch.as_tensor(np.asarray(rows), dtype=torch.long)
 
-    def outputs(self, rows: str | torch.Tensor | np.ndarray | list[int] = "test") -> torch.Tensor:
-        """Raw outputs for a split name (train, val, test, an OOD suite) or row indices of the task:
-        class logits (N, C), or values (N,) for regression."""
+    def outputs(self, rows: Any = "test") -> torch.Tensor:
+        """Raw outputs for a split name (train, val, test, an OOD suite), row indices of the task, or new raw
+        rows (a DataFrame, a dict of lists, a list of dicts: the task's source columns, encoded as in
+        training): class logits (N, C), or values (N,) for regression."""
         from fmtransfer.train.loop import predict_rows
 
         self.method.eval()
         device = next(iter(self.method.parameters()), torch.empty(0)).device
+        if _is_raw(rows):
+            return self._raw_outputs(rows, device)
         return predict_rows(self.method.predict, self.task, self._rows(rows), 8192, device)
 
-    def predict(self, rows: str | torch.Tensor | np.ndarray | list[int] = "test") -> np.ndarray:
-        """Predictions for a split or row indices: class labels (a table's own label values) or values."""
+    @torch.no_grad()
+    def _raw_outputs(self, rows: Any, device: torch.device) -> torch.Tensor:
+        from fmtransfer.preprocess import encode
+
+        spec = self.task.meta.get("preprocessing")
+        if spec is None or (self.metrics.get("shipped_model") or {}).get("built_by") == "method":
+            raise ConfigError("predict on raw rows: this run's model reads more than its recorded encoders give; "
+                              f"export it (fmtransfer export {self.run_dir} --out DIR) and use load_predictor(DIR)")
+        views = encode(spec, rows)
+        batch = {k: torch.as_tensor(v).to(device) for k, v in views.items() if v.dtype != object}
+        return self.method.predict(batch).float().cpu()
+
+    def predict(self, rows: Any = "test") -> np.ndarray:
+        """Predictions for a split, row indices or raw rows: class labels (a table's own label values) or values."""
         out = self.outputs(rows)
         if self.task.task_type == "regression":
             return out.numpy()
@@ -62,11 +77,17 @@ class Result:
         classes = self.task.meta.get("classes")
         return np.asarray(classes, dtype=object)[idx] if classes else idx
 
-    def predict_proba(self, rows: str | torch.Tensor | np.ndarray | list[int] = "test") -> np.ndarray:
-        """Class probabilities (N, C) for a split or row indices (classification only)."""
+    def predict_proba(self, rows: Any = "test") -> np.ndarray:
+        """Class probabilities (N, C) for a split, row indices or raw rows (classification only)."""
         if self.task.task_type == "regression":
             raise ConfigError("predict_proba: the task is a regression; use predict")
         return torch.softmax(self.outputs(rows), -1).numpy()
+
+
+def _is_raw(rows: Any) -> bool:
+    """New raw rows (not a split name nor row indices): a DataFrame, a dict of columns, a list of dicts."""
+    return hasattr(rows, "columns") or isinstance(rows, dict) or (
+        isinstance(rows, list) and bool(rows) and isinstance(rows[0], dict))
 
 
 def run(config: str | Path | RunConfig | dict[str, Any], out: str | Path | None = None,

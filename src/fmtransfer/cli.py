@@ -1,4 +1,4 @@
-"""Command line: `fmtransfer run | cache | bench | report | validate | list | export | serve-bench`.
+"""Command line: `fmtransfer run | cache | bench | report | validate | list | export | predict | serve-bench`.
 
 User errors (bad config, missing data package, corrupt checkpoint, a dead torchrun peer) print one line
 and exit with 2; a bug prints one line and the path of a log holding its traceback, exit 1
@@ -59,6 +59,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--format", default="safetensors", metavar="FORMATS",
                    help="safetensors, onnx, torchscript, or several comma-separated (safetensors is always written)")
     e.add_argument("--out", required=True, help="export folder to create (must be new or empty)")
+
+    pr = sub.add_parser("predict", help="predict a file of raw rows with an export (CSV, Parquet or JSONL)")
+    pr.add_argument("export_dir", help="a folder written by `fmtransfer export`")
+    pr.add_argument("--input", required=True, help="rows.csv, rows.parquet or rows.jsonl with the task's raw columns")
+    pr.add_argument("--out", required=True, help="preds.csv, .parquet or .jsonl: [id], prediction, prob_<class>...")
+    pr.add_argument("--format", default="safetensors", help="which exported file runs: safetensors, onnx, torchscript")
+    pr.add_argument("--id", dest="id_column", default=None, help="id column to copy (default: 'id' if any)")
+    pr.add_argument("--batch-size", type=int, default=1024, help="rows per model call (1024)")
 
     s = sub.add_parser("serve-bench", help="latency, throughput, size of the exported student vs the FM teacher path")
     s.add_argument("run_dir", help="the --out folder of a finished `fmtransfer run`")
@@ -160,6 +168,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         from fmtransfer.export import export_run, format_export
 
         print(format_export(export_run(args.run_dir, args.out, args.format), args.out))
+        return 0
+    if args.cmd == "predict":
+        from fmtransfer.serving.predict_file import predict_file
+
+        done = predict_file(args.export_dir, args.input, args.out, args.format, args.id_column, args.batch_size)
+        print(f"wrote {done['rows']} predictions to {done['out']} ({', '.join(done['columns'][:6])}"
+              f"{', ...' if len(done['columns']) > 6 else ''})")
         return 0
     if args.cmd == "serve-bench":
         import json

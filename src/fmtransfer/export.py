@@ -26,6 +26,7 @@ from torch import nn
 from fmtransfer.config import RunConfig, load_config, to_dict
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import FmtError
+from fmtransfer.export_fm import builds_own_model
 from fmtransfer.integrity import record
 from fmtransfer.locks import remove_stale_dirs
 from fmtransfer.runfiles import check_run_files
@@ -38,6 +39,7 @@ from fmtransfer.serving.manifest import (
     METRIC_DECIMALS,
     ONNX_ATOL,
     OUTPUT_NAME,
+    PREPROCESSING_NAME,
     ExportError,
     Manifest,
     file_record,
@@ -85,7 +87,8 @@ def open_finished_run(run_dir: str | Path) -> FinishedRun:
             raise ExportError(f"{path}: the run did not finish (no metrics.json); continue it with "
                               f"`fmtransfer run {path / 'config.yaml'} --out {path} --resume`, then export")
         raise ExportError(f"{path}: not a finished run (no metrics.json); pass the --out folder of `fmtransfer run`")
-    check_run_files(path, ("metrics.json", "config.yaml", "student.safetensors"), "run the experiment again")
+    check_run_files(path, ("metrics.json", "config.yaml", "student.safetensors", "preprocessing.json"),
+                    "run the experiment again")
     try:
         metrics = json.loads((path / "metrics.json").read_text())
         if not isinstance(metrics, dict) or any(k not in metrics for k in RUN_KEYS):
@@ -167,6 +170,26 @@ def build_student(run: FinishedRun, task: TaskData) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
+def variable_views(task: TaskData) -> set[str]:
+    """Views whose per-row length varies (hashed n-gram lists): any width >= 1 is served."""
+    spec = task.meta.get("preprocessing") or {}
+    return {v for s in spec.get("steps", []) if s.get("op") == "ngram" for v in s["views"]}  # type: ignore[union-attr]
+
+
+def check_encoders(run: FinishedRun, task: TaskData) -> None:
+    """The encoders the run recorded must be the ones the rebuilt task fitted (else its data changed)."""
+    path = run.path / PREPROCESSING_NAME
+    if not path.is_file():
+        return  # a run from before encoders were recorded: the rebuilt task's are checked by the test metric
+    try:
+        recorded = json.loads(path.read_text())
+    except ValueError as e:
+        raise ExportError(f"{path} is corrupt ({one_line(e, 120)}); run the experiment again") from None
+    if recorded != json.loads(json.dumps(task.meta.get("preprocessing"))):
+        raise ExportError(f"{path}: the task's encoders differ from the run's (its data or code changed since the "
+                          "run); run the experiment again")
+
+
 def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for k, v in d.items():
@@ -202,12 +225,12 @@ def _manifest(run: FinishedRun, task: TaskData, model: nn.Module, inputs: list[s
               "higher_is_better": task.higher_is_better, "num_classes": task.num_classes,
               "target_range": list(task.target_range) if task.target_range else None,
               "cardinalities": dict(task.cardinalities), "fingerprint": task.fingerprint,
-              "meta": _json_safe(task.meta)},
+              "meta": _json_safe({k: v for k, v in task.meta.items() if k != "preprocessing"})},
         model={"name": run.cfg.student.name, "class": f"{type(model).__module__}:{type(model).__qualname__}",
                "config_class": f"{entry.config_cls.__module__}:{entry.config_cls.__qualname__}",
                "config": to_dict(run.cfg.student), "params": sum(p.numel() for p in model.parameters())},
         features={n: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape[1:])}
-                  for n, t in task.features.items()},
+                  | ({"variable": True} if n in variable_views(task) else {}) for n, t in task.features.items()},
         inputs=inputs,
         output={"name": OUTPUT_NAME, "dtype": "float32", "shape": list(task.output_shape()),
                 "meaning": "the predicted target" if regression else "one logit per class (argmax = label)",
@@ -244,17 +267,21 @@ def verify_export(export_dir: Path, manifest: Manifest, task: TaskData, model: n
     if abs(rebuilt - run_value) > tol:
         raise ExportError(f"the rebuilt student scores test {m} {rebuilt:.5f}, metrics.json says {run_value:.5f}: "
                           "the task data or code changed since the run; run the experiment again")
+    raw = task.raw(rows) if task.raw is not None else feats
     for fmt in manifest.files:
         pred = load_predictor(export_dir, fmt)
-        out = _predict_batches(pred.predict, feats, len(rows), bs)
-        one = pred.predict({k: v[:1] for k, v in feats.items()})  # batch 1: the batch axis must stay dynamic
-        diff = float(max(np.abs(out - ref).max(), np.abs(one - ref[:1]).max()))
+        out = _predict_batches(pred.predict_features, feats, len(rows), bs)
+        one = pred.predict_features({k: v[:1] for k, v in feats.items()})  # batch 1: the batch axis stays dynamic
+        from_rows = np.concatenate([pred.outputs({k: v[s:s + bs] for k, v in raw.items()})
+                                    for s in range(0, len(rows), bs)])  # raw rows through the manifest's encoders
+        clipped = np.clip(ref, *task.target_range) if task.task_type == "regression" and task.target_range else ref
+        diff = float(max(np.abs(out - ref).max(), np.abs(one - ref[:1]).max(), np.abs(from_rows - clipped).max()))
         value = task.score(torch.from_numpy(out), rows)[m]
         if diff > ONNX_ATOL or abs(value - run_value) > tol:
             raise ExportError(f"the {fmt} export does not reproduce the run (max |diff| {diff:.2e}, test {m} "
                               f"{value:.5f} vs {run_value:.5f}); report this as a bug, or export another format")
         manifest.metrics["exported"][fmt] = {"test": task.score(torch.from_numpy(out), rows),
-                                             "max_abs_diff": diff, "rows": len(rows)}
+                                             "max_abs_diff": diff, "rows": len(rows), "raw_rows_checked": True}
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, formats: str | Sequence[str] = "safetensors",
@@ -274,6 +301,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path, formats: str | Sequence
     if task.name != run.metrics["task"]:
         raise ExportError(f"{run.path}: config.yaml builds task {task.name!r}, metrics.json is of "
                           f"{run.metrics['task']!r}; run the experiment again")
+    check_encoders(run, task)
+    if builds_own_model(run.cfg.method.name):  # levi, probes, fine-tuning: the method's own FM model
+        from fmtransfer.export_fm import export_fm_run
+
+        return export_fm_run(run, task, out, fmts)
     model = build_student(run, task)
     inputs = read_inputs(model, task)
     manifest = _manifest(run, task, model, inputs)
@@ -305,10 +337,17 @@ def format_export(manifest: Manifest, out_dir: str | Path) -> str:
     """A few lines for the terminal: files, sizes, and the check against the run."""
     m = manifest.metrics["metric"]
     run_value = manifest.metrics["run"]["test"][m]
-    lines = [f"exported {manifest.model['name']} student of {manifest.task['name']} "
-             f"({manifest.model['params']:,} parameters, inputs: {', '.join(manifest.inputs)}) to {out_dir}"]
+    fm = manifest.model.get("fm")
+    what = f"{manifest.model['name']} model" if fm else f"{manifest.model['name']} student"
+    reads = ", ".join([*manifest.inputs, *(["text"] if fm and fm.get("kind") != "image_graph" else [])])
+    lines = [f"exported {what} of {manifest.task['name']} "
+             f"({manifest.model['params']:,} parameters, inputs: {reads}) to {out_dir}"]
     for fmt, rec in manifest.files.items():
-        check = manifest.metrics["exported"][fmt]
+        check = manifest.metrics["exported"].get(fmt)
+        if check is None:  # an image FM model's weights, for the record (its graph files serve)
+            lines.append(f"  {rec['file']:<24} {rec['bytes']:>10,} bytes  the trained weights (served by the graph)")
+            continue
         lines.append(f"  {rec['file']:<24} {rec['bytes']:>10,} bytes  test {m} {check['test'][m]:.4f} "
-                     f"(run {run_value:.4f}), max |diff| {check['max_abs_diff']:.1e}")
+                     f"(run {run_value:.4f}), max |diff| {check['max_abs_diff']:.1e}"
+                     + (" vs the run's model" if fm else ""))
     return "\n".join(lines)

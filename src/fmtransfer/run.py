@@ -1,8 +1,8 @@
 """`fmtransfer run`: one experiment from config to metrics.json, the same under python and torchrun.
 
 DIR/config.yaml (resolved), DIR/log.jsonl, DIR/checkpoint.pt (every epoch), DIR/student.safetensors
-(the student alone, best validation epoch) and DIR/metrics.json (written last: its presence means
-the run finished).
+(the student alone, best validation epoch), DIR/preprocessing.json (the task's fitted encoders, where it
+records them) and DIR/metrics.json (written last: its presence means the run finished).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from fmtransfer.evaluate import gap_recovered
 from fmtransfer.integrity import publish
 from fmtransfer.registry import METHODS, MODELS, TASKS
 from fmtransfer.runfiles import clean_run_dir, read_metrics, write_run_file, write_run_json
+from fmtransfer.serving.manifest import PREPROCESSING_NAME
 from fmtransfer.teachers.base import PreparedTeacher, find_prepared, prepare_teacher
 from fmtransfer.train.distributed import DistContext, init_distributed, shutdown
 from fmtransfer.train.loggers import EpochLog
@@ -229,6 +230,8 @@ def _run(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool,
 
     metrics = _metrics(cfg, task, teachers, best, last, result, (n_student, n_trainable), ctx,
                        {"cache": t_cache, "train": t_train, "eval": t_eval})
+    metrics["shipped_model"] = {"class": f"{type(student).__module__}:{type(student).__qualname__}",
+                                "built_by": "method" if own_model else "student"}  # what export must rebuild
     if ref_note is not None:
         metrics["reference"]["note"] = ref_note
     if keep is not None:
@@ -239,8 +242,11 @@ def _run(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool,
     if ctx.is_main:
         student_state = {k[len("student."):]: v.contiguous() for k, v in result.best_state.items()
                          if k.startswith("student.")}
-        st_meta = {"task": task.name, "method": cfg.method.name, "model": cfg.student.name}
+        st_meta = {"task": task.name, "method": cfg.method.name,
+                   "model": type(student).__name__ if own_model else cfg.student.name}
         publish(out / "student.safetensors", lambda tmp: save_file(student_state, str(tmp), metadata=st_meta))
+        if task.meta.get("preprocessing") is not None:  # the fitted encoders: export checks and ships them
+            write_run_json(out / PREPROCESSING_NAME, task.meta["preprocessing"])
         if cfg.method.name == "student":
             atomic_write_json(_reference_path(cfg, task), {"metric": task.metric, "test": best["test"],
                                                            "ood": best["ood"], "run": str(out)})

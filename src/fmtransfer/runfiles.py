@@ -15,7 +15,8 @@ from typing import Any
 from fmtransfer.errors import ArtifactError
 from fmtransfer.integrity import check, publish, remove_stale_temps
 
-RUN_FILES = ("config.yaml", "checkpoint.pt", "student.safetensors", "metrics.json", "log.jsonl", "receipts.json")
+RUN_FILES = ("config.yaml", "checkpoint.pt", "student.safetensors", "metrics.json", "log.jsonl", "preprocessing.json",
+             "receipts.json")
 
 
 def write_run_file(path: Path, data: bytes) -> None:

@@ -8,8 +8,9 @@ outputs can be stored once per row and gathered by row index. Models read named 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -49,6 +50,9 @@ class TaskData:
     segments: dict[str, tuple[torch.Tensor, list[str]]] = field(default_factory=dict)
     """Named row groupings for diagnostics: name -> (code per row, label per code), e.g. a movie's genre."""
     fingerprint: str = ""
+    raw: Callable[[torch.Tensor], dict[str, Any]] | None = None
+    """Row indices -> those rows' raw source columns (what `meta["preprocessing"]` turns into the features);
+    None for tasks whose features are their raw columns. Export and the tests feed these to a predictor."""
 
     def __post_init__(self) -> None:
         n = len(self.y)

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from fmtransfer.config import TaskConfig
 from fmtransfer.data.base import TaskData, labeled_subset
 from fmtransfer.errors import ConfigError, DataError
+from fmtransfer.preprocess import image as image_pixels
+from fmtransfer.preprocess import image_step, make_spec
 from fmtransfer.registry import TASKS
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
@@ -182,7 +184,7 @@ def build_digits(cfg: DigitsConfig) -> TaskData:
     if cfg.subsample is not None:
         keep = _stratified_take(y_np, cfg.subsample, cfg.split_seed)
         x_u8, y_np = x_u8[keep], y_np[keep]
-    images = [torch.from_numpy(x_u8.copy()).float().unsqueeze(1) / 255.0]
+    images = [torch.from_numpy(image_pixels(x_u8, [28, 28], 255.0, "image"))]  # the serving loader's own transform
     labels = [torch.from_numpy(y_np)]
     train, val, test = _split(y_np, cfg)
     labeled, transfer = labeled_subset(train, cfg.labels, cfg.split_seed)
@@ -214,5 +216,13 @@ def build_digits(cfg: DigitsConfig) -> TaskData:
         metric="accuracy",
         higher_is_better=True,
         num_classes=10,
-        meta={"rows": n, "variant": cfg.variant, "image_size": 28},
+        meta={"rows": n, "variant": cfg.variant, "image_size": 28,
+              "preprocessing": make_spec([image_step("image", "image", [28, 28], 255.0)], labels=list(range(10)))},
+        raw=lambda rows: {"image": _raw_pixels(x_u8, image, rows)},
     )
+
+
+def _raw_pixels(x_u8: np.ndarray, image: torch.Tensor, rows: torch.Tensor) -> list[np.ndarray]:
+    """Raw 28x28 pixel values (0..255) of `rows`: the source bytes for MNIST rows, image * 255 for the
+    rotated and resized OOD rows (made from floats)."""
+    return [x_u8[r] if r < len(x_u8) else image[r, 0].numpy() * 255.0 for r in rows.tolist()]

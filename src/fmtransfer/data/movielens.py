@@ -25,6 +25,7 @@ import torch
 from fmtransfer.config import TaskConfig
 from fmtransfer.data.base import TaskData, TextView, labeled_subset
 from fmtransfer.errors import DataError
+from fmtransfer.preprocess import category_step, encode, make_spec, zscore_step
 from fmtransfer.registry import TASKS
 
 GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
@@ -150,28 +151,15 @@ def build_movielens(cfg: MovieLensConfig) -> TaskData:
         context = np.arange(n_task, n_task + len(others))
         ratings = pd.concat([ratings, others], ignore_index=True)
     n = len(ratings)
-    u = ratings["user_id"].to_numpy(np.int64) - 1
-    i = ratings["movie_id"].to_numpy(np.int64) - 1
     r = ratings["rating"].to_numpy(np.float32)
     ts = ratings["timestamp"].to_numpy(np.int64)
 
     labeled, transfer = labeled_subset(train, cfg.labels, cfg.split_seed)
 
-    occupations = sorted(users["occupation"].unique())
-    occ_index = {o: k for k, o in enumerate(occupations)}
-    age = users["age"].to_numpy(np.float32)
-    age_z = (age - age.mean()) / age.std()
-    gender = (users["gender"] == "F").to_numpy(np.int64)
-    occ = users["occupation"].map(occ_index).to_numpy(np.int64)
-
-    features = {
-        "user": torch.from_numpy(u),
-        "item": torch.from_numpy(i),
-        "age": torch.from_numpy(age_z[u]),
-        "gender": torch.from_numpy(gender[u]),
-        "occupation": torch.from_numpy(occ[u]),
-        "genres": torch.from_numpy(genre_mat[i]),
-    }
+    spec = make_spec(_encoders(users, items))
+    raw = _raw_columns(ratings, users, items, genre_mat)
+    features = {k: torch.from_numpy(v) for k, v in encode(spec, raw).items()}
+    u, i = features["user"].numpy(), features["item"].numpy()
     titles = items["movie_title"].fillna("Unknown title").astype(str).tolist()
     item_texts = []
     for k, title in enumerate(titles):
@@ -192,10 +180,35 @@ def build_movielens(cfg: MovieLensConfig) -> TaskData:
         splits=splits,
         metric="rmse",
         higher_is_better=False,
-        cardinalities={"user": len(users), "item": len(items), "gender": 2, "occupation": len(occupations),
-                       "genres": len(GENRES)},
+        cardinalities={"user": len(users), "item": len(items), "gender": 2,
+                       "occupation": users["occupation"].nunique(), "genres": len(GENRES)},
         texts={"user": TextView("user", user_texts), "item": TextView("item", item_texts)},
         target_range=(1.0, 5.0),
         segments={"genre": (torch.from_numpy(genre_mat[i].argmax(1)), list(GENRES))},
-        meta={"positive_threshold": 4.0, "rows": n, "task_rows": n_task, "context_rows": len(context)},
+        meta={"positive_threshold": 4.0, "rows": n, "task_rows": n_task, "context_rows": len(context),
+              "preprocessing": spec},
+        raw=lambda rows: {k: [v[j] for j in rows.tolist()] for k, v in raw.items()},
     )
+
+
+def _encoders(users: Any, items: Any) -> list[dict[str, Any]]:
+    """The raw fields -> views: 1-based user and movie IDs to 0-based rows of the package's tables (no unknown
+    bucket: every ID of the package is a row), age z-scored over the users table, gender, occupation, genres."""
+    age = users["age"].to_numpy(np.float32)
+    return [category_step("user_id", "user", [str(v) for v in users["user_id"]], 0, None),
+            category_step("movie_id", "item", [str(v) for v in items["movie_id"]], 0, None),
+            zscore_step("age", "age", age.mean(), age.std(), "float32", None),
+            category_step("gender", "gender", ["M", "F"], 0, None),
+            category_step("occupation", "occupation", sorted(users["occupation"].unique()), 0, None),
+            {"op": "multi_hot", "column": "genres", "view": "genres", "vocab": list(GENRES), "sep": "|"}]
+
+
+def _raw_columns(ratings: Any, users: Any, items: Any, genre_mat: np.ndarray) -> dict[str, Any]:
+    """Each rating's raw fields as a client sends them: the two IDs, the user's age, gender and occupation,
+    and the movie's genre names (the users and items tables are sorted by ID, IDs 1-based)."""
+    u = ratings["user_id"].to_numpy(np.int64) - 1
+    i = ratings["movie_id"].to_numpy(np.int64) - 1
+    names = [[g for g, flag in zip(GENRES, row, strict=True) if flag] for row in genre_mat]
+    return {"user_id": ratings["user_id"].to_numpy(np.int64), "movie_id": ratings["movie_id"].to_numpy(np.int64),
+            "age": users["age"].to_numpy(np.int64)[u], "gender": users["gender"].to_numpy()[u],
+            "occupation": users["occupation"].to_numpy()[u], "genres": [names[k] for k in i]}

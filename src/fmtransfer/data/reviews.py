@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 import sys
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -30,14 +28,21 @@ import torch
 from fmtransfer.config import TaskConfig
 from fmtransfer.data.base import TaskData, TextView, labeled_subset
 from fmtransfer.errors import DataError
+from fmtransfer.preprocess import (  # noqa: F401  (ngrams, stable_ids, tokenize: importable from here, as before)
+    PAD,
+    hash_ngrams,
+    make_spec,
+    ngram_step,
+    ngrams,
+    stable_ids,
+    tokenize,
+)
 from fmtransfer.registry import TASKS
 from fmtransfer.utils import stable_hash
 
 REVIEWS_FILE = "WomensClothingE-CommerceReviews.parquet.brotli"
 RT_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
 DEPARTMENTS = ["Tops", "Dresses", "Bottoms", "Intimate", "Jackets", "Trend"]
-PAD = -1
-_TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[!?]")
 
 
 @dataclass
@@ -131,51 +136,11 @@ def review_text(title: Any, text: str) -> str:
     return f"{title}. {text.strip()}" if title else text.strip()
 
 
-def tokenize(text: str) -> list[str]:
-    """Lower-cased words (with their apostrophe suffix: don't, it's) and ! and ? as tokens."""
-    return _TOKEN.findall(text.lower())
-
-
-def ngrams(text: str, word_orders: list[int], char_orders: list[int]) -> dict[str, list[str]]:
-    """The n-grams of one text, by view name (`words<n>`, `chars<n>`), in text order."""
-    words = tokenize(text)
-    out = {}
-    for n in word_orders:
-        out[f"words{n}"] = [" ".join(words[i:i + n]) for i in range(len(words) - n + 1)]
-    marked = [f"<{w}>" for w in words]
-    for n in char_orders:
-        out[f"chars{n}"] = [w[i:i + n] for w in marked for i in range(len(w) - n + 1)]
-    return out
-
-
-def stable_ids(grams: list[str], view: str, memo: dict[str, int]) -> list[int]:
-    """31-bit CRC-32 of 'view:gram' (identical in every process; Python's hash() is salted)."""
-    out = []
-    for g in grams:
-        h = memo.get(g)
-        if h is None:
-            h = memo[g] = zlib.crc32(f"{view}:{g}".encode()) & 0x7FFFFFFF
-        out.append(h)
-    return out
-
-
 def hash_views(texts: list[str], word_orders: list[int], char_orders: list[int],
                max_tokens: int) -> dict[str, torch.Tensor]:
-    """One int32 (N, L) matrix of n-gram hashes per view, left-aligned, padded with -1, L <= max_tokens."""
-    names = [f"words{n}" for n in word_orders] + [f"chars{n}" for n in char_orders]
-    rows: dict[str, list[list[int]]] = {v: [] for v in names}
-    memos: dict[str, dict[str, int]] = {v: {} for v in names}
-    for t in texts:
-        for v, grams in ngrams(t, word_orders, char_orders).items():
-            rows[v].append(stable_ids(grams[:max_tokens], v, memos[v]))
-    out = {}
-    for v, lists in rows.items():
-        width = max(1, max((len(x) for x in lists), default=0))
-        mat = np.full((len(lists), width), PAD, dtype=np.int32)
-        for i, ids in enumerate(lists):
-            mat[i, :len(ids)] = ids
-        out[v] = torch.from_numpy(mat)
-    return out
+    """One int32 (N, L) matrix of n-gram hashes per view, left-aligned, padded with -1, L <= max_tokens
+    (`fmtransfer.preprocess.hash_ngrams`, the function the serving loader runs on new texts)."""
+    return {v: torch.from_numpy(m) for v, m in hash_ngrams(texts, word_orders, char_orders, max_tokens).items()}
 
 
 _HASH_MEMO: dict[str, dict[str, torch.Tensor]] = {}
@@ -241,5 +206,8 @@ def build_reviews(cfg: ReviewsConfig) -> TaskData:
         texts={"row": TextView("row", all_texts)},
         num_classes=2,
         meta={"rows": len(all_texts), "ngram_views": list(views), "hash": "crc32-31bit", "pad": PAD,
-              "positive_rate_train": float(y[labeled].mean()) if len(labeled) else None},
+              "positive_rate_train": float(y[labeled].mean()) if len(labeled) else None,
+              "preprocessing": make_spec([ngram_step(["text"], cfg.word_ngrams, cfg.char_ngrams, cfg.max_tokens)],
+                                         labels=[0, 1], texts={"row": {"columns": ["text"], "join": ". "}})},
+        raw=lambda rows: {"text": [all_texts[i] for i in rows.tolist()]},
     )

@@ -33,10 +33,22 @@ import torch
 from fmtransfer.config import TaskConfig
 from fmtransfer.data.base import TaskData, TextView, labeled_subset
 from fmtransfer.data.checks import check_labeled, check_table
-from fmtransfer.data.reviews import PAD, hash_views
 from fmtransfer.errors import DataError, did_you_mean
+from fmtransfer.preprocess import (
+    category_codes,
+    category_step,
+    encode,
+    fit_vocab,
+    joined_texts,
+    make_spec,
+    ngram_step,
+    numbers,
+    zscore_step,
+)
 from fmtransfer.registry import TASKS
 
+TEXT_JOIN = ". "
+"""The text columns of a row are joined with this before the foundation teacher reads them."""
 READERS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
 TEACHER_TRAIN = {"epochs": 20, "batch_size": 64, "steps_per_epoch": 20, "lr": 0.003}
 """The loop of the default teachers: a fixed budget of small steps (a few hundred labels are the common case)."""
@@ -158,30 +170,34 @@ def build_table(cfg: TableConfig) -> TaskData:
             raise DataError(f"task: label column {cfg.label!r} is not numeric; use kind: classification") from None
         num_classes, classes = None, []
 
-    features: dict[str, torch.Tensor] = {}
+    # every view is made by fmtransfer.preprocess from fitted encoders (recorded: a server applies the same)
+    steps: list[dict[str, Any]] = []
     cards: dict[str, int] = {}
     for col in cfg.categorical:
-        codes, uniques = _codes(df[col])
-        features[col], cards[col] = torch.from_numpy(codes), len(uniques) + 1  # +1: unseen / missing
+        vocab = fit_vocab(df[col])
+        steps.append(category_step(col, col, vocab, 1, 0))  # 0: unseen / missing
+        cards[col] = len(vocab) + 1
     for col in cfg.numeric:
-        try:
-            x = df[col].astype(float).to_numpy()
-        except ValueError:
-            raise DataError(f"task: numeric column {col!r} holds non-numbers; list it under categorical") from None
-        mu, sd = np.nanmean(x[labeled]), np.nanstd(x[labeled]) or 1.0
-        features[col] = torch.from_numpy(np.nan_to_num((x - mu) / sd).astype(np.float32))
+        x = _numeric(df[col], col)
+        mu, sd = np.nanmean(x[labeled]), np.nanstd(x[labeled]) or 1.0  # the labeled training rows only
+        steps.append(zscore_step(col, col, mu, sd, "float64", 0.0))
     texts = {}
     if cfg.text:
-        joined = df[cfg.text].fillna("").astype(str).agg(". ".join, axis=1).tolist()
+        joined = joined_texts({c: df[c].tolist() for c in cfg.text}, cfg.text, TEXT_JOIN)
         texts["row"] = TextView("row", joined)
         if cfg.word_ngrams or cfg.char_ngrams:
-            clash = [v for v in _ngram_names(cfg) if v in features]
+            clash = [v for v in _ngram_names(cfg) if v in [*cfg.categorical, *cfg.numeric]]
             if clash:
                 raise DataError(f"task: column {clash[0]!r} clashes with the n-gram view of that name; rename it")
-            features.update(hash_views(joined, cfg.word_ngrams, cfg.char_ngrams, cfg.max_tokens))
-    if not features:  # a text table without n-grams: the student still needs a view; give it the row's length
+            steps.append(ngram_step(cfg.text, cfg.word_ngrams, cfg.char_ngrams, cfg.max_tokens, TEXT_JOIN))
+    if not steps:  # a text table without n-grams: the student still needs a view; give it the row's length
         lengths = np.array([len(t) for t in texts["row"].texts], np.float32)
-        features["text_length"] = torch.from_numpy((lengths - lengths.mean()) / (lengths.std() or 1.0))
+        steps.append({"op": "text_length", "columns": list(cfg.text), "join": TEXT_JOIN, "view": "text_length",
+                      "mean": float(lengths.mean()), "std": float(lengths.std() or 1.0)})
+    spec = make_spec(steps, labels=classes if cfg.kind == "classification" else None,
+                     texts={"row": {"columns": list(cfg.text), "join": TEXT_JOIN}} if cfg.text else None)
+    columns = [*cfg.categorical, *cfg.numeric, *cfg.text]
+    features = {k: torch.from_numpy(v) for k, v in encode(spec, {c: df[c] for c in columns}).items()}
 
     splits = {"train": torch.from_numpy(labeled), "transfer": torch.from_numpy(transfer),
               "val": torch.from_numpy(val), "test": torch.from_numpy(test)}
@@ -197,7 +213,8 @@ def build_table(cfg: TableConfig) -> TaskData:
         metric="accuracy" if cfg.kind == "classification" else "rmse",
         higher_is_better=cfg.kind == "classification", cardinalities=cards, texts=texts, num_classes=num_classes,
         meta={"classes": classes, "positive_threshold": cfg.positive_threshold, "source": str(cfg.path),
-              "ngram_views": [v for v in _ngram_names(cfg) if v in features], "hash": "crc32-31bit", "pad": PAD},
+              "preprocessing": spec, "ngram_views": [v for v in _ngram_names(cfg) if v in features]},
+        raw=lambda rows: {c: df[c].iloc[rows.numpy()].tolist() for c in columns},
     )
 
 
@@ -205,9 +222,14 @@ def _ngram_names(cfg: TableConfig) -> list[str]:
     return [f"words{n}" for n in cfg.word_ngrams] + [f"chars{n}" for n in cfg.char_ngrams]
 
 
+def _numeric(series: Any, col: str) -> np.ndarray:
+    try:
+        return numbers(series, col)
+    except DataError:
+        raise DataError(f"task: numeric column {col!r} holds non-numbers; list it under categorical") from None
+
+
 def _codes(series: Any) -> tuple[np.ndarray, list[str]]:
-    """Integer codes 1..K for the values of a column, 0 for missing."""
-    values = series.astype("string")
-    uniques = sorted(v for v in values.dropna().unique())
-    index = {v: k + 1 for k, v in enumerate(uniques)}
-    return values.map(index).fillna(0).astype(np.int64).to_numpy().copy(), uniques
+    """Integer codes 1..K for the values of a column, 0 for missing (`fmtransfer.preprocess` does the work)."""
+    uniques = fit_vocab(series)
+    return category_codes(series, uniques, 1, 0), uniques

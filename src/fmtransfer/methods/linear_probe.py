@@ -10,7 +10,6 @@ concatenates the tapped layers instead.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,70 +20,12 @@ from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ConfigError
 from fmtransfer.methods.base import Method
 from fmtransfer.methods.losses import masked_task_loss
-from fmtransfer.models.base import TaskModel, mlp, output_dim, squeeze_regression
-from fmtransfer.models.fm_layers import (
-    FMFeatures,
-    FMLayersConfig,
-    TappedFeatures,
-    build_taps,
-    describe,
-)
+from fmtransfer.models.base import TaskModel
+from fmtransfer.models.fm_heads import FMModel, ProbeConfig, ProbeModel
+from fmtransfer.models.fm_layers import FMFeatures, FMLayersConfig, TappedFeatures, build_taps
 from fmtransfer.models.fm_live import measure_latency
 from fmtransfer.registry import METHODS
 from fmtransfer.utils import count_params
-
-
-class FMModel(TaskModel):
-    """A model that reads the cached tapped features; `body_with` takes them already normalised so that
-    the live path (features computed from raw inputs) runs the very same layers."""
-
-    taps: TappedFeatures
-    fm_info: dict[str, Any]
-
-    def body_with(self, batch: dict[str, torch.Tensor], ps: list[torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
-
-    def body(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.body_with(batch, self.taps(batch))
-
-    def live(self, batch: dict[str, torch.Tensor], raw: list[torch.Tensor]) -> torch.Tensor:
-        """The prediction from features the backbone computed just now (`raw`, before normalisation)."""
-        return self.head(self.body_with(batch, self.taps.normalise(raw))) + self.offset(batch)
-
-
-class ProbeModel(FMModel):
-    """Normalised tapped features, concatenated -> optional MLP -> linear output."""
-
-    def __init__(self, cfg: ProbeConfig, task: TaskData, taps: TappedFeatures, fm: FMFeatures) -> None:
-        super().__init__()
-        self.taps, self.fm_info, self.task_type = taps, describe(fm), task.task_type
-        width = sum(taps.dims)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.trunk = nn.Sequential(mlp([width, *cfg.hidden], cfg.dropout), nn.GELU()) if cfg.hidden else nn.Identity()
-        self.rep_dim = cfg.hidden[-1] if cfg.hidden else width
-        self.out_dim = output_dim(task)
-        self.out = nn.Linear(self.rep_dim, self.out_dim)
-        mean = task.y[task.splits["train"]].float().mean() if task.task_type == "regression" else torch.tensor(0.0)
-        self.register_buffer("mean", mean.reshape(1))
-
-    def body_with(self, batch: dict[str, torch.Tensor], ps: list[torch.Tensor]) -> torch.Tensor:
-        return self.trunk(self.drop(torch.cat(ps, dim=-1)))
-
-    def head(self, z: torch.Tensor) -> torch.Tensor:
-        return squeeze_regression(self.out(z), self.task_type)
-
-    def offset(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | float:
-        return self.mean if self.task_type == "regression" else 0.0
-
-
-@dataclass
-class ProbeConfig(FMLayersConfig):
-    name: str = "linear_probe"
-    layers: list[float] = field(default_factory=lambda: [1.0])
-    """The last layer by default; [0.5, 0.75, 1.0] reads the tapped layers concatenated."""
-    hidden: list[int] = field(default_factory=list)
-    """Empty: a linear head (the probe); `mlp_probe` sets hidden layers."""
-    dropout: float = 0.0
 
 
 class FMMethod(Method):

@@ -81,14 +81,26 @@ class NgramModel(TaskModel):
         return ids
 
     def body(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        pooled = self.bag(self.bucket_ids(batch))
-        return self.act(self.trunk(self.drop(pooled)))
+        ids = self.bucket_ids(batch)
+        return self.act(self.trunk(self.drop(pool(self.bag, ids))))
 
     def head(self, z: torch.Tensor) -> torch.Tensor:
         return squeeze_regression(self.out(z), self.task_type)
 
     def offset(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | float:
         return self.mean if self.task_type == "regression" else 0.0
+
+
+def pool(bag: nn.EmbeddingBag, ids: torch.Tensor) -> torch.Tensor:
+    """The bag's pooled rows of `ids` (0 = padding): the EmbeddingBag itself when eager; in an exported graph a
+    gather and a masked sum or mean (torch exports EmbeddingBag to ONNX as a loop over rows, which onnxruntime
+    runs slowly); equal up to float rounding. Shared by `ngram` and `tabular`."""
+    if _eager():
+        return bag(ids)
+    emb = nn.functional.embedding(ids, bag.weight)
+    keep = (ids != 0).unsqueeze(-1).to(emb.dtype)  # row 0 is padding, never pooled
+    total = (emb * keep).sum(1)
+    return total if bag.mode == "sum" else total / keep.sum(1).clamp(min=1.0)
 
 
 def bucket_ids(batch: dict[str, torch.Tensor], views: list[str], buckets: int, reader: str) -> torch.Tensor:

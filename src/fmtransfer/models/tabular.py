@@ -17,7 +17,7 @@ from fmtransfer.config import ModelConfig
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ConfigError
 from fmtransfer.models.base import TaskModel, mlp, output_dim, squeeze_regression
-from fmtransfer.models.ngram import bucket_ids
+from fmtransfer.models.ngram import bucket_ids, pool
 from fmtransfer.ranges import at_least
 from fmtransfer.registry import MODELS
 
@@ -128,7 +128,7 @@ class FeatureModel(TaskModel):
             ids = bucket_ids(batch, self.ngram_views, self.buckets, "model tabular")
             if self.training and self.token_dropout > 0:
                 ids = ids * (torch.rand(ids.shape, device=ids.device) >= self.token_dropout)
-            parts.append(self.bag(ids))
+            parts.append(pool(self.bag, ids))
         z = self.act(self.trunk(torch.cat(parts, dim=-1)))
         if self.pairs:
             z = torch.cat([z, *[embs[a] * embs[b] for a, b in self.pairs]], dim=-1)

@@ -1,7 +1,7 @@
 """`fmtransfer serve-bench`: what serving the exported student costs beside the FM teacher path it replaces.
 
 One process, one machine, the same requests (rows of the test split) for every path:
-- batch-1 latency: each request alone, end to end (`Predictor.predict` with its input checks; for the FM
+- batch-1 latency: each request alone, end to end (`Predictor.predict_features` with its input checks; for the FM
   path: tokenize the request's texts, run the encoder, run the head); median and 90th percentile;
 - throughput: batches of `batch_size` distinct requests, in rows per second;
 plus parameter counts, file sizes, each exported format's test metric against metrics.json, and the live
@@ -101,13 +101,13 @@ def _student_rows(predictors: dict[str, Predictor], export_dir: Path, task: Task
     bs = run.cfg.train.eval_batch_size
     out = []
     for fmt, pred in predictors.items():
-        scored = np.concatenate([pred.predict(_take(task, pred.inputs, test[s:s + bs].numpy()))
+        scored = np.concatenate([pred.predict_features(_take(task, pred.inputs, test[s:s + bs].numpy()))
                                  for s in range(0, len(test), bs)])
         rec = manifest.files[fmt]
         out.append({"path": f"student, {LABELS[fmt]} ({rec['file']})", "format": fmt,
                     "params": manifest.model["params"], "files": {rec["file"]: rec["bytes"]}, "bytes": rec["bytes"],
-                    "latency": _latency(pred.predict, requests),
-                    "throughput": _throughput(pred.predict, batches, warmup),
+                    "latency": _latency(pred.predict_features, requests),
+                    "throughput": _throughput(pred.predict_features, batches, warmup),
                     "test": task.score(torch.from_numpy(scored), test)[m]})
     return out
 

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from fmtransfer.serving.manifest import OUTPUT_NAME, ExportError, one_line
+from fmtransfer.serving.manifest import EXPORT_INSTALL, OUTPUT_NAME, ExportError, one_line
 
 
 class PositionalStudent(nn.Module):
@@ -38,15 +38,17 @@ class PositionalStudent(nn.Module):
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Silence exporter chatter (deprecation warnings, 'torchvision is not installed' logs, progress prints)."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "onnx_ir")]  # + the optimizer's notes
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def write_safetensors(model: nn.Module, inputs: list[str], example: tuple[torch.Tensor, ...], path: Path,
@@ -64,13 +66,19 @@ def write_onnx(model: nn.Module, inputs: list[str], example: tuple[torch.Tensor,
         import onnx
         import onnxscript  # noqa: F401  (torch's exporter needs it; fail here with the install hint)
     except ImportError:
-        raise ExportError("--format onnx needs onnx and onnxscript: pip install 'fmtransfer[export]'") from None
+        raise ExportError(f"--format onnx needs onnx and onnxscript: {EXPORT_INSTALL}") from None
     batch = torch.export.Dim("batch")
+    # integer (N, L) views are hashed n-gram lists or token ids: their length L varies from batch to batch
+    # (token ids and their attention mask share one length)
+    tokens = torch.export.Dim("tokens")
+    dims = tuple({0: batch, 1: tokens if k in ("input_ids", "attention_mask") else torch.export.Dim(f"len_{k}")}
+                 if x.dim() == 2 and not x.is_floating_point() else {0: batch}
+                 for k, x in zip(inputs, example, strict=True))
     try:
         with _quiet():
             torch.onnx.export(PositionalStudent(model, inputs).eval(), example, str(path), dynamo=True,
                               input_names=inputs, output_names=[OUTPUT_NAME], external_data=False,
-                              dynamic_shapes=(tuple({0: batch} for _ in inputs),), verbose=False)
+                              dynamic_shapes=(dims,), verbose=False)
     except Exception as e:
         raise ExportError(f"ONNX export of the student failed ({one_line(e)}); export another format") from None
     proto = onnx.load(str(path), load_external_data=False)

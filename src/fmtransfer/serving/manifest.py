@@ -24,6 +24,10 @@ FORMATS = ("safetensors", "onnx", "torchscript")
 """Every format `fmtransfer export` writes; safetensors is always written (the loader rebuilds from it)."""
 FILE_NAMES = {"safetensors": "student.safetensors", "onnx": "student.onnx", "torchscript": "student.torchscript.pt"}
 OUTPUT_NAME = "prediction"
+PREPROCESSING_NAME = "preprocessing.json"
+"""The encoders a run's task fitted (`fmtransfer.preprocess` spec), written into the run directory."""
+EXPORT_INSTALL = ".venv/bin/pip install 'onnx>=1.23' 'onnxscript>=0.7' 'onnxruntime>=1.32' (or bash scripts/setup.sh)"
+"""How to install what ONNX export and serving need (the package is not on PyPI: no `fmtransfer[export]`)."""
 ONNX_ATOL = 1e-4
 """Largest |ONNX - PyTorch| difference an export accepts on any output of the test split (absolute)."""
 METRIC_DECIMALS = 4

@@ -1,0 +1,152 @@
+"""Shipped FM models (`linear_probe`, `mlp_probe`, `levi`; `finetune`, `lp_ft`, `wise_ft`) on raw texts.
+
+While training, these models read the FM's pooled features at the tapped layers from a cache indexed by
+row; a server has new texts and no cache. `ServedFM` holds the trained model (`FMModel`) and `TextTaps`:
+the frozen encoder, loaded from its package or folder (referenced by path and weight hash in the manifest,
+never copied into the export), run only to the deepest tap, mean-pooled (and L2-normalised as when cached).
+`forward(batch)` reads the texts from `batch[TEXT_KEY]` (a list of str) and the model's other views (the
+small model's n-grams, say) from the batch, and returns `model.live(batch, features)`.
+Its state dict is the trained model's alone (`model.*`): the backbone's weights come from the package.
+`ServedTextFinetune` is the fine-tuned encoder with its head (its weights are all in the export).
+Imports nothing of the training code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fmtransfer.cache.capture import LayerCapture, transformer_layer_paths
+from fmtransfer.models.fm_heads import FMModel
+from fmtransfer.models.hf_text import encoder_fingerprint, load_encoder, resolve_encoder_path
+from fmtransfer.preprocess import TEXT_VIEW as TEXT_KEY
+
+
+class TextTaps(nn.Module):
+    """Texts -> the encoder, cut at the deepest tap (later layers and the pooler never run) -> mean-pooled
+    states at the tapped layers. The weights are the package's (frozen) unless a state dict replaces them
+    (LEVI with `tune_backbone` / `lora`: the trained, merged backbone ships in the export)."""
+
+    def __init__(self, encoder: str, paths: list[str], max_length: int, normalize: bool, chunk: int = 64) -> None:
+        super().__init__()
+        self.tok, net = load_encoder(encoder)
+        layers = transformer_layer_paths(net)
+        deepest = max(layers.index(p) for p in paths) + 1
+        stack = net.get_submodule(layers[0].rsplit(".", 1)[0])
+        parent, _, attr = layers[0].rsplit(".", 1)[0].rpartition(".")
+        setattr(net.get_submodule(parent) if parent else net, attr, nn.ModuleList(list(stack)[:deepest]))
+        if getattr(net, "pooler", None) is not None:
+            net.pooler = None
+        self.net = net.eval().requires_grad_(False)
+        self.paths, self.max_length, self.normalize, self.chunk = list(paths), max_length, normalize, chunk
+
+    def forward(self, texts: list[str]) -> list[torch.Tensor]:
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths per call: little padding
+        parts: list[list[torch.Tensor]] = []
+        for s in range(0, len(order), self.chunk):
+            enc = tokenize(self.tok, [texts[i] for i in order[s:s + self.chunk]], self.max_length, "pt")
+            parts.append(self.tokens(enc["input_ids"], enc["attention_mask"]))
+        if not parts:
+            return [torch.zeros(0, int(self.net.config.hidden_size)) for _ in self.paths]
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        return [torch.cat(f)[inverse] for f in zip(*parts, strict=True)]
+
+    def tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        """Token ids -> pooled states at the tapped layers (the part of the path a graph file holds)."""
+        with LayerCapture(self.net, self.paths) as cap:
+            self.net(input_ids=input_ids, attention_mask=attention_mask)
+        out = list(cap.pooled("mean", attention_mask).values())
+        return [nn.functional.normalize(o, dim=-1) if self.normalize else o for o in out]
+
+
+def tokenize(tok: Any, texts: list[str], max_length: int, tensors: str) -> Any:
+    """How every served text model tokenizes: padded to the longest text, cut at `max_length`."""
+    return tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors=tensors)
+
+
+TOKEN_INPUTS = ["input_ids", "attention_mask"]
+"""What the graph files (ONNX, TorchScript) of a text model take beside the feature views."""
+
+
+class ServedFM(nn.Module):
+    """The trained frozen-FM model plus the live encoder that feeds it raw texts."""
+
+    def __init__(self, model: FMModel, taps: TextTaps) -> None:
+        super().__init__()
+        self.model = model
+        object.__setattr__(self, "taps", taps)  # not a submodule: the frozen backbone is never saved
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        if TEXT_KEY not in batch:  # a graph file's call: token ids already in the batch
+            return self.model.live(batch, self.taps.tokens(batch["input_ids"], batch["attention_mask"]))
+        return self.model.live(batch, self.taps(list(batch[TEXT_KEY])))
+
+
+class TokenGraph(nn.Module):
+    """A served text model as a graph on token ids (+ views): what ONNX and TorchScript files hold; the
+    tokenizer runs outside (the loader's, from the package)."""
+
+    def __init__(self, served: nn.Module) -> None:
+        super().__init__()
+        self.served = served
+        taps = getattr(served, "taps", None)
+        if taps is not None:
+            self.taps = taps  # registered here, so the graph holds the backbone's weights
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.served(batch)
+
+
+class ServedTextFinetune(nn.Module):
+    """A fine-tuned text encoder with its linear head (finetune, lp_ft, wise_ft) on raw texts: tokenize, encode,
+    mean-pool the last layer, standardise, head. The same state-dict keys as `TextFinetuneModel`, whose
+    training-time version tokenizes the task's texts once and reads them by row."""
+
+    def __init__(self, encoder: str, max_length: int, task_type: str, out_dim: int, chunk: int = 64) -> None:
+        super().__init__()
+        self.tok, self.encoder = load_encoder(encoder)  # the architecture; the fine-tuned weights load after
+        dim = int(self.encoder.config.hidden_size)
+        self.register_buffer("mu", torch.zeros(dim))
+        self.register_buffer("sd", torch.ones(dim))
+        self.drop = nn.Dropout(0.0)
+        self.out = nn.Linear(dim, out_dim)
+        self.max_length, self.task_type, self.chunk = max_length, task_type, chunk
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        from fmtransfer.models.hf_text import mean_pool
+
+        if TEXT_KEY not in batch:  # a graph file's call: token ids already in the batch
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            pooled = [mean_pool(self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask).float()]
+        else:
+            texts, pooled = list(batch[TEXT_KEY]), []
+            for s in range(0, len(texts), self.chunk):
+                enc = tokenize(self.tok, texts[s:s + self.chunk], self.max_length, "pt")
+                pooled.append(mean_pool(self.encoder(**enc).last_hidden_state, enc["attention_mask"]).float())
+        z = (torch.cat(pooled) - self.mu) / self.sd if pooled else torch.zeros(0, len(self.mu))
+        out = self.out(self.drop(z))
+        return out.squeeze(-1) if self.task_type == "regression" else out
+
+
+BACKBONE_PREFIX = "backbone."
+"""Keys of a trained backbone in an export's safetensors (LEVI with tune_backbone / lora, LoRA merged)."""
+
+
+def rebuild(head_cls: Any, cfg: Any, task: Any, fm_info: dict[str, Any], small: nn.Module | None) -> FMModel:
+    """The trained model's class around empty feature tables of the recorded widths (weights loaded after)."""
+    from fmtransfer.models.fm_layers import FMFeatures, TappedFeatures
+
+    fm = FMFeatures([torch.empty(0, d) for d in fm_info["feature_dims"]], list(fm_info["taps"]), fm_info["modality"],
+                    list(fm_info["depths"]), int(fm_info["backbone_layers"]), int(fm_info["backbone_params_used"]),
+                    int(fm_info["backbone_params"]), 0)
+    taps = TappedFeatures(fm, cfg.standardize, torch.zeros(0, dtype=torch.long))
+    return head_cls(cfg, task, taps, fm, small) if small is not None else head_cls(cfg, task, taps, fm)
+
+
+def backbone_record(encoder: str, paths: list[str], max_length: int, normalize: bool) -> dict[str, Any]:
+    """What the manifest says of the frozen encoder: where it is, what its files hash to, how it is read."""
+    return {"encoder": encoder, "path": resolve_encoder_path(encoder), "fingerprint": encoder_fingerprint(encoder),
+            "paths": list(paths), "max_length": max_length, "normalize": normalize}
