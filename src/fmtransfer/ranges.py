@@ -78,7 +78,8 @@ NAME_RULES: list[tuple[str, Range]] = [
     ("*seed", ANY), ("tap", ANY), ("layer_ids", ANY), ("ood_shift", ANY), ("positive_threshold", ANY),
     ("liked_threshold", ANY), ("positive_rating", ANY), ("rotations", ANY),
     ("lr", POSITIVE), ("*_lr", POSITIVE), ("*_lr_scale", NON_NEGATIVE),
-    ("query_rows", NON_NEGATIVE), ("*batch_size", COUNT), ("*_rows", COUNT), ("rows", COUNT),
+    ("query_rows", NON_NEGATIVE), ("timing_rows", NON_NEGATIVE),  # 0: no timing
+    ("*batch_size", COUNT), ("*_rows", COUNT), ("rows", COUNT),
     ("*dropout", DROPOUT), ("drop_connect", DROPOUT),
     ("weight_decay", NON_NEGATIVE), ("*_weight_decay", NON_NEGATIVE), ("small_weight", PROBABILITY),
     ("*_weight", NON_NEGATIVE), ("w_*", NON_NEGATIVE), ("l_*", NON_NEGATIVE), ("*_l2", NON_NEGATIVE),
