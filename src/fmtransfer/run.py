@@ -119,6 +119,10 @@ def cache_teachers(cfg: RunConfig, names: list[str] | None = None) -> dict[str, 
         raise ConfigError(f"--teacher {unknown[0]!r} is not a configured teacher (allowed: {', '.join(cfg.teachers)})")
     ctx = init_distributed(cfg.train.device)
     try:
+        if getattr(cfg.task, "streamed", False):  # table_stream: sharded teacher passes (stream_run.py)
+            from fmtransfer.stream_run import cache_stream
+
+            return cache_stream(cfg, names, ctx)  # type: ignore[return-value]
         task = build_task(cfg)
         out = prepare_teachers(cfg, task, names or list(cfg.teachers), ctx, JsonlLog(None))
         if ctx.is_main:
@@ -147,6 +151,10 @@ def run_experiment(cfg: RunConfig, out_dir: str | Path, resume: bool = False, qu
         raise ConfigError(f"{out} holds an unfinished run; pass --resume to continue it or choose another --out")
     ctx = init_distributed(cfg.train.device)
     try:
+        if getattr(cfg.task, "streamed", False):  # table_stream: bounded memory (stream_run.py)
+            from fmtransfer.stream_run import run_stream
+
+            return run_stream(cfg, out, resume, ctx, quiet)
         return _run(cfg, out, resume, ctx, quiet, keep)
     finally:
         shutdown(ctx)

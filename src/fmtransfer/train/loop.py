@@ -82,6 +82,16 @@ def predict_rows(model: Callable[[dict[str, torch.Tensor]], torch.Tensor], task:
     return torch.cat(outs) if outs else torch.empty(0)
 
 
+def score_split(predict: Callable[[dict[str, torch.Tensor]], torch.Tensor], task: TaskData, split: str,
+                batch_size: int, ctx: DistContext) -> dict[str, float]:
+    """Metrics of `predict` on one split (a streamed task scores it by a pass over its shards)."""
+    own = getattr(task, "score_split", None)
+    if own is not None:
+        return own(predict, split, batch_size, ctx.device, ctx.rank, ctx.world)
+    rows = task.splits[split]
+    return task.score(predict_rows(predict, task, rows, batch_size, ctx.device), rows)
+
+
 def _score(task: TaskData, metrics: dict[str, float]) -> float:
     v = metrics[task.metric]
     return v if task.higher_is_better else -v
@@ -122,9 +132,14 @@ def fit(method: nn.Module, task: TaskData, cfg: TrainConfig, *, seed: int, ctx: 
     device = ctx.device
     method.to(device)
     transfer = task.splits.get("transfer") if uses_transfer else None
-    plan = BatchPlan(task.splits["train"], transfer, batch_size=cfg.batch_size,
-                     labeled_batch_size=cfg.labeled_batch_size, steps_per_epoch=cfg.steps_per_epoch,
-                     seed=seed, rank=ctx.rank, world=ctx.world)
+    own_plan = getattr(task, "batch_plan", None)  # a streamed task (data/stream.py) plans its own batches
+    if own_plan is not None:
+        plan = own_plan(uses_transfer=uses_transfer, batch_size=cfg.batch_size, steps_per_epoch=cfg.steps_per_epoch,
+                        seed=seed, rank=ctx.rank, world=ctx.world)
+    else:
+        plan = BatchPlan(task.splits["train"], transfer, batch_size=cfg.batch_size,
+                         labeled_batch_size=cfg.labeled_batch_size, steps_per_epoch=cfg.steps_per_epoch,
+                         seed=seed, rank=ctx.rank, world=ctx.world)
     groups = param_groups(method, cfg.lr)
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -154,7 +169,6 @@ def fit(method: nn.Module, task: TaskData, cfg: TrainConfig, *, seed: int, ctx: 
     amp = cfg.precision == "bf16"
     bars = ctx.is_main and bars_enabled()
     t0 = time.perf_counter()
-    val_rows = task.splits["val"]
     for epoch in range(start_epoch, cfg.epochs):
         if cfg.patience is not None and bad_epochs >= cfg.patience:
             break
@@ -188,8 +202,7 @@ def fit(method: nn.Module, task: TaskData, cfg: TrainConfig, *, seed: int, ctx: 
         if end_of_steps is not None:  # a method's own step after an epoch's updates (wise_ft: its alpha sweep)
             end_of_steps()
         method.eval()
-        val_pred = predict_rows(method.predict, task, val_rows, cfg.eval_batch_size, device)
-        val_metrics = task.score(val_pred, val_rows)
+        val_metrics = score_split(method.predict, task, "val", cfg.eval_batch_size, ctx)
         score = _score(task, val_metrics)
         improved = score > best_score
         if improved:
