@@ -84,7 +84,8 @@ SUITES = sorted((REPO / "configs").rglob("suite*.yaml"))
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_shipped_config_validates(path: Path) -> None:
     cfg = load_config(path)
-    assert path.parent.name == cfg.task.name.split("-")[0] or path.parent.name == cfg.task.name
+    task_dir = path.parent if path.parent.parent.name == "configs" else path.parent.parent  # configs/<task>/<setting>/
+    assert task_dir.name == cfg.task.name.split("-")[0] or task_dir.name == cfg.task.name
     assert path.stem.split("-")[0] in {cfg.method.name, "teacher"} or path.stem.startswith(cfg.method.name)
 
 

@@ -195,3 +195,111 @@ def test_token_answer_cross_attends_over_a_teachers_patch_states() -> None:
     bad = load_config(TINY, ["method={name: diverse_distill, token_teachers: [bad], query_dim: 8, heads: 2}"])
     with pytest.raises(ConfigError, match="offers no token or patch states"):
         METHODS.get("diverse_distill").impl(bad.method, student, task, teachers)
+
+
+def _strong_committee(task):  # type: ignore[no-untyped-def]
+    """'fm' (foundation) is always right; 'wide' (complementary) is right and confident on even rows,
+    wrong and unsure on odd rows: only its own outputs tell the gate where to trust it."""
+    y = task.y
+    right = torch.nn.functional.one_hot(y, 2).float() * 6 - 3
+    odd = (torch.arange(task.num_rows) % 2 == 1).unsqueeze(-1)
+    wide = torch.where(odd, -right / 12, right)
+    rng = np.random.default_rng(0)
+    mk = lambda kind, out: SimpleNamespace(kind=kind, outputs=out,  # noqa: E731
+                                           reps=rng.normal(size=(task.num_rows, 6)).astype(np.float16))
+    return {"fm": mk("foundation", right), "wide": mk("complementary", wide)}
+
+
+def _strong_method(options: str):  # type: ignore[no-untyped-def]
+    cfg = load_config(TINY, [f"method={{name: diverse_distill, {options}}}"])
+    task = build_task(cfg)
+    teachers = _strong_committee(task)
+    torch.manual_seed(0)
+    student = MODELS.get(cfg.student.name).impl(cfg.student, task)
+    method = METHODS.get("diverse_distill").impl(cfg.method, student, task, teachers)
+    rows = task.splits["train"]
+    batch = make_batch(task, rows, torch.ones(len(rows), dtype=torch.bool),
+                       {n: t.outputs for n, t in teachers.items()}, {n: t.reps for n, t in teachers.items()})
+    return method, batch
+
+
+def test_pre_teacher_signal_lets_the_gate_trust_the_complementary_teacher_where_it_is_confident() -> None:
+    method, batch = _strong_method("gate_signals: [pre_teachers], gate_target: correctness, target_tau: 0.1, "
+                                   "entropy_floor: 0.0, skip_fraction: null")
+    assert method._pre.keys() == {"wide"}  # null pre_teachers = the complementary members
+    z = method.student.body(batch)
+    pred = method.student.head(z) + method.student.offset(batch)
+    extra = method.gate_extra(pred, batch)
+    assert extra.shape == (len(z), 2 + 2)  # wide's probabilities, entropy, KD term to the student
+    from fmtransfer.methods.losses import per_row_task_loss
+    t_loss = torch.stack([per_row_task_loss(batch[f"teacher:{n}"], batch["y"], "classification")
+                          for n in method.names], -1)
+    seen = torch.ones_like(t_loss, dtype=torch.bool)
+    student_loss = per_row_task_loss(pred, batch["y"], "classification").detach()
+    opt = torch.optim.Adam(method.gate.parameters(), lr=0.05)
+    for _ in range(150):
+        loss = method._gate_loss(z.detach(), t_loss, student_loss, seen, extra)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    alpha = method.importance(z, extra).detach()
+    odd = batch["row"] % 2 == 1
+    wide = method.names.index("wide")
+    assert alpha[~odd, wide].mean() > 0.4 and alpha[odd, wide].mean() < 0.1  # segment-dependent, not uniform
+
+
+def test_per_teacher_temperature_and_foundation_warmup_golden() -> None:
+    """kd = mean over rows of sum_k w_k KD_k at each teacher's own T; the warm-up zeroes the FM's weight."""
+    from fmtransfer.methods.ca_mkd import per_row_kd
+    method, batch = _strong_method("importance: equal, filter: false, teacher_temperature: {fm: 1.0}, "
+                                   "foundation_warmup_steps: 4")
+    method.train()
+    z = method.student.body(batch)
+    pred = method.student.head(z) + method.student.offset(batch)
+    kd_fm = per_row_kd(pred, batch["teacher:fm"], "classification", 1.0)
+    kd_wide = per_row_kd(pred, batch["teacher:wide"], "classification", 4.0)
+    assert torch.allclose(method(batch)["kd"], kd_wide.mean(), atol=1e-5)  # step 0: the FM's ramp is 0
+    method(batch)  # step 1 -> ramp 0.25 at step 2 is applied below after one more
+    assert int(method.step) == 2
+    w_fm = 0.5 * 0.5 / (0.5 * 0.5 + 0.5)  # alpha 1/2 each, FM multiplied by 2 / 4
+    expect = (w_fm * kd_fm + (1 - w_fm) * kd_wide).mean()
+    assert torch.allclose(method(batch)["kd"], expect.detach(), atol=1e-5)
+
+
+def test_gate_signal_options_are_checked() -> None:
+    with pytest.raises(ConfigError, match="gate_signals"):
+        load_config(TINY, ["method={name: diverse_distill, gate_signals: [state, teacher_logits]}"])
+    with pytest.raises(ConfigError, match="teacher_temperature"):
+        _strong_method("teacher_temperature: {nope: 2.0}")
+    with pytest.raises(ConfigError, match="pre_teachers"):
+        _strong_method("gate_signals: [state, pre_teachers], pre_teachers: [nope]")
+
+
+def test_run_with_the_strong_regime_options_reports_importance(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """End to end: the pre-FM gate signals, a per-teacher temperature and the warm-up go through the loop,
+    the checkpoint and the per-segment report (which reads the same signals for validation rows)."""
+    from fmtransfer.run import run_experiment
+
+    cfg = load_config(TINY, [f"cache_dir={tmp_path / 'c'}",
+                             "method={name: diverse_distill, teachers: [wide], gate_signals: [state, uncertainty, "
+                             "pre_teachers], pre_teachers: [deep], teacher_temperature: {wide: 2.0}, "
+                             "foundation_warmup_steps: 3}",
+                             "teachers.deep={recipe: supervised, model: {name: mlp, hidden: [16]}, "
+                             "train: {epochs: 1, batch_size: 32, steps_per_epoch: 3}}"])
+    m = run_experiment(cfg, tmp_path / "run", quiet=True)
+    d = m["method_diagnostics"]
+    assert set(m["teachers"]) == {"wide", "deep"}  # deep is read by the gate only
+    assert set(d["mean_alpha"]) == {"wide"} and set(d["importance_by_segment"]["class"]) == {"0", "1"}
+
+
+def test_teacher_logit_bias_shifts_weights_not_the_gates_regression() -> None:
+    """Golden: alpha = softmax((g + b) / tau) with the floor; the gate's own loss reads g without b."""
+    method, batch = _strong_method("teacher_logit_bias: {fm: 2.0}, entropy_floor: 0.0")
+    plain, _ = _strong_method("entropy_floor: 0.0")
+    z = method.student.body(batch)
+    g = method.gate_scores(z)
+    fm = method.names.index("fm")
+    bias = torch.zeros(2)
+    bias[fm] = 2.0
+    assert torch.allclose(method.importance(z), torch.softmax(g + bias, -1), atol=1e-6)
+    assert torch.allclose(plain.gate_scores(plain.student.body(batch)), g)  # same init: the bias is not in G

@@ -30,6 +30,15 @@ Our reading of DiverseDistill (only the abstract was available; every choice is 
          + l_kd * sum_k w_k KD(t_k, s) + l_gate * gate_loss,  w = alpha over the kept teachers.
   Defaults l_align 0.1, l_ans 0: on movielens validation the align and answer terms at 1.0 / 0.5 cost
   0.004 RMSE against the committee's KD terms alone.
+- Options for a teacher far ahead of the student (issue 14; defaults keep every earlier result):
+    `gate_signals` - what G reads besides the student's state: `uncertainty` (the student's own entropy and
+      top probability), `pre_teachers` (the cached outputs of the `pre_teachers`, by default the
+      committee's complementary members: their probabilities, entropy and KD term to the student). All
+      are known before the FM runs, so filtering can still skip the FM;
+    `teacher_temperature` - a KD temperature per teacher (others use `temperature`);
+    `teacher_logit_bias` - a fixed prior on a teacher's gate score (where it weighs and ranks pairs);
+    `foundation_warmup_steps` - teacher-assistant order: the foundation teachers' weights ramp 0 -> 1
+      over that many steps, so the complementary teachers teach first.
 All of it is dropped at export: `predict` runs the student alone.
 """
 
@@ -52,6 +61,7 @@ from fmtransfer.methods.losses import per_row_task_loss
 from fmtransfer.methods.multi_kd import committee
 from fmtransfer.models.base import TaskModel, mlp
 from fmtransfer.plots import lines, stacked_bars
+from fmtransfer.ranges import at_least
 from fmtransfer.registry import METHODS
 
 
@@ -95,6 +105,20 @@ class DiverseDistillConfig(MethodConfig):
     teacher_source: Literal["cache", "live"] = "cache"
     """cache: read prepared outputs and representations; live: run each teacher on its kept rows only."""
     task_weight: float = 1.0
+    gate_signals: list[str] = field(default_factory=lambda: ["state"])
+    """What the gate reads (stop-gradient): `state` (the student representation), `uncertainty` (the
+    student's entropy and top probability; its prediction for regression), `pre_teachers` (the outputs of
+    `pre_teachers`, known before the FM runs). ["state"] is the original gate."""
+    pre_teachers: list[str] | None = None
+    """Teachers whose cached outputs `pre_teachers` reads; null = the committee's complementary members."""
+    teacher_temperature: dict[str, float] = field(default_factory=dict)
+    """KD temperature per teacher name (classification); teachers not named use `temperature`."""
+    teacher_logit_bias: dict[str, float] = field(default_factory=dict)
+    """A fixed prior added to a teacher's gate score where it weighs and ranks pairs (not in the gate's own
+    regression): e.g. {fm: 2.0} trusts the FM more while the gate still varies the weights by row."""
+    foundation_warmup_steps: int = field(default=0, metadata=at_least(0))
+    """Teacher-assistant order: the foundation teachers' weights ramp linearly 0 -> 1 over this many training
+    steps (the complementary teachers teach alone at first); 0 = off."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.entropy_floor <= 1:
@@ -107,6 +131,18 @@ class DiverseDistillConfig(MethodConfig):
             raise ConfigError(f"method.heads: query_dim {self.query_dim} must be divisible by heads {self.heads}")
         if not 0 <= self.explore <= 1:
             raise ConfigError(f"method.explore: must be in [0, 1], got {self.explore}")
+        bad = [g for g in self.gate_signals if g not in GATE_SIGNALS]
+        if bad or not self.gate_signals or len(set(self.gate_signals)) != len(self.gate_signals):
+            raise ConfigError(f"method.gate_signals: {self.gate_signals!r}: a non-empty list of distinct "
+                              f"{', '.join(GATE_SIGNALS)}")
+        if self.foundation_warmup_steps < 0:
+            raise ConfigError(f"method.foundation_warmup_steps: must be >= 0, got {self.foundation_warmup_steps}")
+        for n, t in self.teacher_temperature.items():
+            if not t > 0:
+                raise ConfigError(f"method.teacher_temperature.{n}: must be > 0, got {t}")
+
+
+GATE_SIGNALS = ("state", "uncertainty", "pre_teachers")
 
 
 class DiverseDistill(Method):
@@ -137,7 +173,8 @@ class DiverseDistill(Method):
                                   f"rows, the task has {task.num_rows}; delete its cache entry to rebuild it")
             self._tokens[n] = states
             self.token_answer[n] = TokenAnswer(int(states.shape[-1]), q, cfg.heads, cfg.answer_hidden, d)
-        self.gate = nn.Linear(d, k)
+        self._pre = self._pre_teacher_outputs(teachers)
+        self.gate = nn.Linear(self._gate_dim(d), k)
         self.rho = cfg.rho if cfg.rho is not None else 1.0 / (2 * k)
         # Live teachers are not submodules: DDP and the checkpoint hold trainable parts only.
         self._live: dict[str, TaskModel] = (
@@ -146,21 +183,99 @@ class DiverseDistill(Method):
         self.register_buffer("live_rows", torch.zeros(k, dtype=torch.long))  # rows each live teacher ran on
         self.register_buffer("alpha_sum", torch.zeros(k))
         self.register_buffer("alpha_rows", torch.zeros((), dtype=torch.long))
+        unknown = [n for n in [*cfg.teacher_temperature, *cfg.teacher_logit_bias] if n not in self.names]
+        if unknown:
+            raise ConfigError(f"method.teacher_temperature / teacher_logit_bias: {unknown[0]!r} is not in the "
+                              f"committee ({', '.join(self.names)})")
+        if cfg.foundation_warmup_steps > 0:
+            self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
     @classmethod
     def required_teachers(cls, cfg: DiverseDistillConfig, available: list[str]) -> list[str]:  # type: ignore[override]
-        return committee(cfg.teachers, available, "diverse_distill")
+        names = committee(cfg.teachers, available, "diverse_distill")
+        extra = [n for n in cfg.pre_teachers or [] if n not in names] if "pre_teachers" in cfg.gate_signals else []
+        return names + [n for n in extra if n in available]
 
-    def gate_scores(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, K) raw gate scores from the student representation (stop-gradient into the student)."""
-        return self.gate(z.detach())
+    def _pre_teacher_outputs(self, teachers: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The cached outputs (all rows) of the teachers the `pre_teachers` gate signal reads."""
+        if "pre_teachers" not in self.c.gate_signals:
+            return {}
+        names = self.c.pre_teachers
+        if names is None:
+            names = [n for n in self.names if self.teacher_info[n]["kind"] != "foundation"]
+        bad = [n for n in names if n not in teachers]
+        if bad or not names:
+            raise ConfigError(f"method.pre_teachers: {bad[0] if bad else names!r} - name teachers of the run "
+                              f"({', '.join(teachers)}), or leave it null with a complementary member")
+        return {n: teachers[n].outputs for n in names}
 
-    def importance(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, K) teacher weights from the student representation alone."""
+    def _gate_dim(self, d: int) -> int:
+        sig, classes = self.c.gate_signals, 1 if self.task_type == "regression" else self._classes()
+        per_pre = 2 if self.task_type == "regression" else classes + 2
+        return ((d if "state" in sig else 0) + (0 if "uncertainty" not in sig else 1 if classes == 1 else 2)
+                + per_pre * len(self._pre))
+
+    def _classes(self) -> int:
+        return int(next(iter(self.teacher_info.values()))["out_shape"][-1])
+
+    def gate_extra(self, pred: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """(B, E) signals the gate reads beside the student state (None when it reads the state alone):
+        all known before any foundation teacher runs."""
+        sig = self.c.gate_signals
+        if sig == ["state"]:
+            return None
+        pred = pred.detach().float()
+        parts = []
+        regression = self.task_type == "regression"
+        if "uncertainty" in sig:
+            if regression:
+                parts.append(pred.reshape(len(pred), -1))
+            else:
+                logp = F.log_softmax(pred, -1)
+                parts += [-(logp.exp() * logp).sum(-1, keepdim=True), logp.exp().amax(-1, keepdim=True)]
+        rows = batch["row"].cpu()
+        for n, outs in self._pre.items():
+            t = outs[rows].to(pred.device).float()
+            kd = per_row_kd(pred, t, self.task_type, self._temperature(n)).reshape(len(pred), 1)
+            if regression:
+                parts += [t.reshape(len(pred), -1), kd]
+            else:
+                logp = F.log_softmax(t, -1)
+                parts += [logp.exp(), -(logp.exp() * logp).sum(-1, keepdim=True), kd]
+        return torch.cat(parts, -1)
+
+    def _temperature(self, name: str) -> float:
+        return float(self.c.teacher_temperature.get(name, self.c.temperature))
+
+    def gate_scores(self, z: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, K) raw gate scores from the student representation (stop-gradient into the student) and the
+        optional pre-FM signals of `gate_extra`."""
+        if "state" not in self.c.gate_signals:
+            assert extra is not None
+            return self.gate(extra)
+        return self.gate(z.detach() if extra is None else torch.cat([z.detach(), extra], -1))
+
+    def prior(self, g: torch.Tensor) -> torch.Tensor:
+        """Gate scores plus each teacher's fixed `teacher_logit_bias` (unchanged when none is set)."""
+        if not self.c.teacher_logit_bias:
+            return g
+        return g + torch.tensor([self.c.teacher_logit_bias.get(n, 0.0) for n in self.names], device=g.device)
+
+    def foundation_ramp(self) -> torch.Tensor | None:
+        """(K,) teacher-assistant multipliers: the foundation teachers' weight ramps 0 -> 1; None when off."""
+        n = self.c.foundation_warmup_steps
+        if n <= 0:
+            return None
+        r = min(1.0, float(self.step) / n)
+        return torch.tensor([r if self.teacher_info[t]["kind"] == "foundation" else 1.0 for t in self.names],
+                            device=self.step.device)
+
+    def importance(self, z: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, K) teacher weights from the student side alone (its state and the pre-FM signals)."""
         k = len(self.names)
         if self.c.importance == "equal":
             return torch.full((len(z), k), 1.0 / k, device=z.device)
-        alpha = torch.softmax(self.gate_scores(z) / self.c.tau, -1)
+        alpha = torch.softmax(self.prior(self.gate_scores(z, extra)) / self.c.tau, -1)
         return (1 - self.c.entropy_floor) * alpha + self.c.entropy_floor / k
 
     def keep_mask(self, alpha: torch.Tensor, score: torch.Tensor | None = None) -> torch.Tensor:
@@ -224,11 +339,17 @@ class DiverseDistill(Method):
         m = labeled.float()
         task = (per_task * m).sum() / m.sum().clamp(min=1.0)
 
-        alpha = self.importance(z)
-        score = self.gate_scores(z) if c.importance == "learned" else alpha
+        extra = self.gate_extra(pred, batch)
+        alpha = self.importance(z, extra)
+        score = self.prior(self.gate_scores(z, extra)) if c.importance == "learned" else alpha
         keep = self.keep_mask(alpha.detach(), score.detach())
         w = alpha.detach() * keep
-        w = w / w.sum(-1, keepdim=True)
+        ramp = self.foundation_ramp()
+        if ramp is None:
+            w = w / w.sum(-1, keepdim=True)
+        else:  # a row whose only kept teacher is a foundation one at ramp 0 gets no committee term
+            w = w * ramp
+            w = w / w.sum(-1, keepdim=True).clamp(min=1e-12)
         t_outs, t_reps = self.teacher_states(batch, keep)
         q = self.w_q(z)
         align, ans, kd, t_loss = [], [], [], []
@@ -242,7 +363,7 @@ class DiverseDistill(Method):
             mk = (labeled & keep[:, k]).float()
             per_ans = per_row_task_loss(self.student.head(a_k) + offset, batch["y"], self.task_type)
             ans.append((per_ans * mk).sum() / mk.sum().clamp(min=1.0))
-            kd.append(per_row_kd(pred, t_outs[k], self.task_type, c.temperature))
+            kd.append(per_row_kd(pred, t_outs[k], self.task_type, self._temperature(n)))
             t_loss.append(per_row_task_loss(t_outs[k], batch["y"], self.task_type))
         align_t = (w * torch.stack(align, -1)).sum(-1).mean()
         kd_t = (w * torch.stack(kd, -1)).sum(-1).mean()
@@ -251,10 +372,10 @@ class DiverseDistill(Method):
         out = {"task": task.detach(), "align": align_t.detach(), "answer": ans_t.detach(), "kd": kd_t.detach()}
         if c.importance == "learned":
             if c.gate_target == "disagreement":  # any row that ran the teacher; the target is its KD term
-                gate = _masked_mse(self.gate_scores(z), torch.stack(kd, -1).detach(), keep)
+                gate = _masked_mse(self.gate_scores(z, extra), torch.stack(kd, -1).detach(), keep)
             else:  # the gate learns only from labeled rows whose teachers ran
                 seen = labeled.unsqueeze(-1) & keep
-                gate = self._gate_loss(z, torch.stack(t_loss, -1).detach(), per_task.detach(), seen)
+                gate = self._gate_loss(z, torch.stack(t_loss, -1).detach(), per_task.detach(), seen, extra)
             loss = loss + c.l_gate * gate
             out["gate"] = gate.detach()
         if self.training:
@@ -262,14 +383,16 @@ class DiverseDistill(Method):
                 self.pairs += torch.stack([keep.sum(), (~keep).sum()])
                 self.alpha_sum += alpha.detach().sum(0)
                 self.alpha_rows += len(alpha)
+                if ramp is not None:
+                    self.step += 1
         out.update({f"alpha:{n}": alpha[:, k].mean().detach() for k, n in enumerate(self.names)})
         out["kept"] = keep.float().mean().detach()
         return {"loss": loss, **out}
 
     def _gate_loss(self, z: torch.Tensor, teacher_loss: torch.Tensor, student_loss: torch.Tensor,
-                   seen: torch.Tensor) -> torch.Tensor:
+                   seen: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
         """The gate's own objective on the (row, teacher) pairs in `seen` (labeled rows whose teacher ran)."""
-        g = self.gate_scores(z)
+        g = self.gate_scores(z, extra)
         if self.c.gate_target == "benefit":
             return _masked_mse(g, student_loss.unsqueeze(-1) - teacher_loss, seen)
         # correctness: cross-entropy to softmax(-loss / target_tau) over the teachers, on rows where all ran
@@ -300,7 +423,9 @@ class DiverseDistill(Method):
         alphas = []
         for s in range(0, len(rows), 4096):
             batch = {k: v.to(device) for k, v in task.gather(rows[s:s + 4096]).items()}
-            alphas.append(self.importance(self.student.body(batch)).cpu())
+            z = self.student.body(batch)
+            extra = self.gate_extra(self.student.head(z) + self.student.offset(batch), batch)
+            alphas.append(self.importance(z, extra).cpu())
         alpha = torch.cat(alphas)
         segments = dict(task.segments)
         if not segments and task.task_type == "classification":
