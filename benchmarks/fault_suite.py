@@ -22,6 +22,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -52,9 +53,14 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
                           capture_output=True, text=True, timeout=600)
 
 
+PROGRESS = re.compile(r"^\S.* epoch \d+/\d+: ")
+"""The loop's one line per epoch on stderr (progress, not an error)."""
+
+
 def judge(rc: int, out: str, err: str) -> str:
-    """ok (exit 0, no traceback), refused (exit 2, <= 2 stderr lines), else FAIL."""
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    """ok (exit 0, no traceback), refused (exit 2, <= 2 stderr lines besides the per-epoch progress lines),
+    else FAIL."""
+    lines = [ln for ln in err.strip().splitlines() if ln.strip() and not PROGRESS.match(ln)]
     if "Traceback" in err:
         return "FAIL: traceback"
     if rc == 0:

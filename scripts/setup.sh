@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 extras="text,data,vision,plots,lora,export"
-if [ "${1:-}" = "--dev" ]; then extras="$extras,dev"; fi
+if [ "${1:-}" = "--dev" ]; then extras="$extras,dev,tensorboard"; fi  # tensorboard: the train.loggers test
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 # torch==2.13.0 in the same command as everything that depends on torch (else pip may pull a CUDA build)
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 -e ".[$extras]"

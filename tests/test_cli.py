@@ -85,7 +85,8 @@ def test_report_follows_linked_run_folders_once(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--set", "method.temprature=2"], "method.temprature: unknown key (allowed: name, teacher, temperature"),
+        (["--set", "method.temprature=2"],
+         "method.temprature: unknown key (did you mean 'temperature'?) (allowed: name, teacher"),
         (["--set", "task.name=imagenet"], "task.name: unknown task 'imagenet' (allowed: "),
         (["--set", "teachers.wide={recipe: probe, encoder: /nope}"], "nor a local folder with config.json"),
         (["--set", "teachers.wide.recipe=probe"], "teachers.wide.model: unknown key (allowed: recipe, kind"),

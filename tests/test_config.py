@@ -23,10 +23,10 @@ def test_tiny_config_loads_typed() -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("method.temperatur=2", "method.temperatur: unknown key (allowed: name, teacher, temperature"),
+        ("method.temperatur=2", "method.temperatur: unknown key (did you mean 'temperature'?) (allowed: name, teacher"),
         ("train.lr=fast", "train.lr: expected a number, got 'fast'"),
         ("train.precision=fp8", "train.precision: 'fp8' is not allowed (allowed: fp32, bf16)"),
-        ("method.name=kdd", "method.name: unknown method 'kdd' (allowed: "),
+        ("method.name=kdd", "method.name: unknown method 'kdd' (did you mean 'kd'?) (allowed: "),
         ("task.labels=-3", "task.labels: -3 is out of range (allowed: a count >= 1"),
         ("task.labels=2.5", "task.labels: 2.5 is out of range (allowed: a count >= 1 (an integer) or a fraction"),
         ("teachers.wide.recipe=magic", "teachers.wide.recipe: unknown teacher recipe 'magic'"),

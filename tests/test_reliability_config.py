@@ -4,6 +4,7 @@ and bad values in user tables (docs/reliability.md)."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from pathlib import Path
 
@@ -99,7 +100,8 @@ def test_cli_nan_loss_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureF
     code = main(["run", str(TINY), "--out", str(tmp_path / "r"), "--set", f"cache_dir={tmp_path / 'c'}",
                  "--set", "method.temperature=1e-300"])  # 0 in float32: NaN logits
     err = capsys.readouterr().err
-    assert code == 2 and "loss became nan" in err and err.count("\n") == 1, err
+    errors = [ln for ln in err.splitlines() if not ln.startswith(("kd epoch", "teacher wide epoch"))]  # progress
+    assert code == 2 and len(errors) == 1 and "loss became nan" in errors[0], err
 
 
 def test_cli_bug_is_one_line_with_a_log_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -130,7 +132,8 @@ def test_fuzzed_configs_validate_or_fail_in_one_line(capsys: pytest.CaptureFixtu
         code = main(args)
         err = capsys.readouterr().err
         assert code in (0, 2), (args, err)
-        assert len(err.strip().splitlines()) <= 2 and "Traceback" not in err, (args, err)
+        lines = [ln for ln in err.strip().splitlines() if not re.match(r"^\S.* epoch \d+/\d+: ", ln)]  # progress
+        assert len(lines) <= 2 and "Traceback" not in err, (args, err)
         codes[code] += 1
     assert codes[0] > 5 and codes[2] > 50, codes  # both outcomes are exercised
 
@@ -193,6 +196,7 @@ def test_fuzzed_tiny_runs_finish_or_fail_in_one_line(tmp_path: Path, capsys: pyt
         code = main(args)
         err = capsys.readouterr().err
         assert code in (0, 2), (args, err)
-        assert len(err.strip().splitlines()) <= 2 and "Traceback" not in err, (args, err)
+        lines = [ln for ln in err.strip().splitlines() if not re.match(r"^\S.* epoch \d+/\d+: ", ln)]  # progress
+        assert len(lines) <= 2 and "Traceback" not in err, (args, err)
         codes[code] += 1
     assert codes[0] >= 1 and codes[2] >= 1, codes

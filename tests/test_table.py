@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from fmtransfer.config import load_config
 from fmtransfer.errors import DataError
@@ -83,3 +84,64 @@ def test_kd_run_on_a_user_table(tmp_path: Path) -> None:
            "cache_dir": str(tmp_path / "c")}
     m = run_experiment(load_config(raw=raw), tmp_path / "run", quiet=True)
     assert m["task"] == "table" and m["metric"] == "accuracy" and m["test"]["accuracy"] > 0.6
+
+
+def _text_only(n: int = 400) -> object:
+    """A table whose only input is text: the label is which of two word families a row uses."""
+    rng = np.random.default_rng(1)
+    good, bad = ["great", "lovely", "perfect", "soft"], ["broken", "awful", "tight", "itchy"]
+    label = rng.integers(0, 2, size=n)
+    words = [" ".join(rng.choice(good if y else bad, size=3)) + f" item {k % 7}" for k, y in enumerate(label)]
+    return pd.DataFrame({"body": words, "label": np.where(label == 1, "yes", "no")})
+
+
+def test_text_columns_feed_a_hashed_ngram_student(tmp_path: Path) -> None:
+    from fmtransfer.data.table import build_table
+    from fmtransfer.registry import MODELS
+    from fmtransfer.run import run_experiment
+
+    path = tmp_path / "t.csv"
+    _text_only().to_csv(path, index=False)
+    task = build_table(load_config(raw={"task": {"name": "table", "path": str(path), "text": ["body"]}}).task)
+    assert {"words1", "words2"} <= set(task.features) and "text_length" not in task.features
+    assert task.features["words1"].dtype == torch.int32 and task.features["words1"].dim() == 2
+    # same hashes as the reviews task's n-grams (one shared implementation)
+    from fmtransfer.data.reviews import hash_views
+
+    assert torch.equal(task.features["words1"][:3], hash_views(task.texts["row"].texts[:3], [1], [], 256)["words1"][:3])
+    tab = MODELS.get("tabular")
+    model = tab.impl(tab.config_cls(ngram_buckets=64, ngram_dim=4, hidden=[]), task)
+    assert model.ngram_views == ["words1", "words2"]
+    assert sum(p.numel() for p in model.parameters()) == 65 * 4 + 4 * 2 + 2  # one bag of 64+1 rows, a 4->2 head
+    # config without student/teachers: the table's defaults (a tabular student) read the text and learn it
+    raw = {"task": {"name": "table", "path": str(path), "text": ["body"], "labels": 100},
+           "train": {"epochs": 3, "batch_size": 32, "steps_per_epoch": 10, "lr": 0.01},
+           "cache_dir": str(tmp_path / "c")}
+    cfg = load_config(raw=raw)
+    assert cfg.student.name == "tabular" and set(cfg.teachers) == {"fm", "wide"}
+    assert cfg.teachers["wide"].model.name == "tabular"
+    m = run_experiment(cfg, tmp_path / "run", quiet=True)
+    assert m["test"]["accuracy"] > 0.9 and m["teachers"] == {}  # student: no teacher prepared (no MiniLM run)
+    assert m["gap_recovered"] is None and "not prepared" in m["reference"]["note"]
+    # the plain n-gram student is accepted on a table too
+    m2 = run_experiment(load_config(raw={**raw, "student": {"name": "ngram", "buckets": 256, "dim": 8}}),
+                        tmp_path / "run2", quiet=True)
+    assert m2["test"]["accuracy"] > 0.9
+
+
+def test_mlp_leaves_ngrams_out_and_says_how_to_read_them(tmp_path: Path) -> None:
+    from fmtransfer.data.table import build_table
+    from fmtransfer.errors import ConfigError
+    from fmtransfer.registry import MODELS
+
+    path = tmp_path / "t.csv"
+    _frame().to_csv(path, index=False)
+    task = build_table(_cfg(path))
+    mlp = MODELS.get("mlp")
+    model = mlp.impl(mlp.config_cls(), task)
+    assert {"words1", "words2"} <= set(task.features) and model.bag is None
+    assert set(model.embeds) | set(model.scalars) == {"product", "region", "x"}
+    with pytest.raises(ConfigError, match="student.name: tabular reads it"):
+        mlp.impl(mlp.config_cls(features=["x", "words1"]), task)
+    none = build_table(_cfg(path, word_ngrams=[], char_ngrams=[]))
+    assert not any(k.startswith(("words", "chars")) for k in none.features)

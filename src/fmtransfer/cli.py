@@ -1,4 +1,4 @@
-"""Command line: `fmtransfer run | cache | bench | report | validate | export | predict | serve-bench`.
+"""Command line: `fmtransfer run | cache | bench | report | validate | list | export | predict | serve-bench`.
 
 User errors (bad config, missing data package, corrupt checkpoint, a dead torchrun peer) print one line
 and exit with 2; a bug prints one line and the path of a log holding its traceback, exit 1
@@ -16,7 +16,10 @@ from fmtransfer.failures import debug, report
 
 
 def _parser() -> argparse.ArgumentParser:
+    from fmtransfer import __version__
+
     p = argparse.ArgumentParser(prog="fmtransfer", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"fmtransfer {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     r = sub.add_parser("run", help="run one experiment (works under torchrun too)")
@@ -44,9 +47,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="also write results.json, results.md and the ID-vs-OOD scatter id_vs_ood.png here")
     rep.add_argument("--no-scatter", action="store_true", help="do not write id_vs_ood.png")
 
-    v = sub.add_parser("validate", help="load and validate configs without running anything")
+    v = sub.add_parser("validate", help="check configs (and a table's data file) without training anything")
     v.add_argument("configs", nargs="+")
     v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    ls = sub.add_parser("list", help="registered methods, teacher recipes, tasks and models, with their config keys")
+    ls.add_argument("kind", nargs="?", choices=["methods", "recipes", "tasks", "models"], default=None)
 
     e = sub.add_parser("export", help="write a finished run's student alone (+ manifest.json) for serving")
     e.add_argument("run_dir", help="the --out folder of a finished `fmtransfer run`")
@@ -82,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except KeyboardInterrupt:
-        print("fmtransfer: interrupted; continue with --resume", file=sys.stderr)
+        print(f"fmtransfer: interrupted{INTERRUPTED.get(args.cmd, '')}", file=sys.stderr)
         return 130
     except Exception as e:  # one line, never a traceback: 2 for bad input (failures.py), 1 for a bug
         if debug():
@@ -90,6 +96,14 @@ def main(argv: list[str] | None = None) -> int:
         code = report(e)
         _exit_worker(code)
         return code
+
+
+INTERRUPTED = {
+    "run": "; continue with the same command and --resume",
+    "bench": "; run the same bench command again to continue (finished runs are kept, the interrupted one resumes)",
+    "cache": "; run the same command again (finished cache shards are kept)",
+}
+"""What Ctrl-C says, per command: how to continue where that is possible."""
 
 
 def _exit_worker(code: int) -> None:
@@ -132,14 +146,23 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "validate":
         from fmtransfer.bench import suite_configs
         from fmtransfer.config import read_yaml
+        from fmtransfer.validate import check_run
 
         for path in args.configs:
             if "runs" in read_yaml(path):
-                n = len(suite_configs(path, [0], args.overrides))
-                print(f"ok  {path} (suite, {n} runs)")
+                items = suite_configs(path, [0], args.overrides)
+                notes = [n for _, _, cfg in items for n in check_run(cfg)]
+                print(f"ok  {path} (suite, {len(items)} runs)")
             else:
-                load_config(path, args.overrides)
+                notes = check_run(load_config(path, args.overrides))
                 print(f"ok  {path}")
+            for note in dict.fromkeys(notes):
+                print(f"    note: {note}")
+        return 0
+    if args.cmd == "list":
+        from fmtransfer.catalog import format_list
+
+        print(format_list(args.kind))
         return 0
     if args.cmd == "export":
         from fmtransfer.export import export_run, format_export

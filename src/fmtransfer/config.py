@@ -14,18 +14,21 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
 from fmtransfer.config_checks import UniqueKeyLoader, check_devices, null_section
-from fmtransfer.errors import ConfigError
+from fmtransfer.errors import ConfigError, did_you_mean
 from fmtransfer.ranges import above, at_least, check_value
 
 
 @dataclass
 class TaskConfig:
     """Base of every task's config."""
+
+    default_student: ClassVar[dict[str, Any] | None] = None
+    """The `student:` section a run gets when its config has none (None: the config must name one)."""
 
     name: str = "movielens"
     labels: int | float | None = None
@@ -84,6 +87,9 @@ class TrainConfig:
     """When the last epoch is not the best, score its weights on test and OOD too (metrics.json `last_epoch`);
     false skips that second evaluation (a full re-encoding for methods that run a foundation model live) and
     `last_epoch` then holds only null."""
+    loggers: list[Literal["csv", "tensorboard"]] = field(default_factory=list)
+    """Per-epoch loggers beside log.jsonl: `csv` (DIR/metrics.csv), `tensorboard` (DIR/tensorboard/, needs
+    `pip install 'fmtransfer[tensorboard]'`). Only the run's own loop logs; teacher preparation does not."""
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size"):
@@ -133,7 +139,8 @@ class RunConfig:
                 raise ConfigError(f"teachers.{name}.train_splits: empty; name at least one split (e.g. [train])")
         if self.reference_teacher is not None and self.reference_teacher not in self.teachers:
             raise ConfigError(
-                f"reference_teacher: {self.reference_teacher!r} is not a teacher "
+                f"reference_teacher: {self.reference_teacher!r} is not a teacher"
+                f"{did_you_mean(self.reference_teacher, list(self.teachers))} "
                 f"(allowed: {', '.join(self.teachers) or 'none configured'})"
             )
 
@@ -243,7 +250,8 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     unknown = [k for k in data if k not in fields]
     if unknown:
         raise ConfigError(
-            f"{_join(path, str(unknown[0]))}: unknown key (allowed: {', '.join(fields)})"
+            f"{_join(path, str(unknown[0]))}: unknown key{did_you_mean(str(unknown[0]), list(fields))} "
+            f"(allowed: {', '.join(fields)})"
         )
     kwargs = {}
     for name, value in data.items():
@@ -358,10 +366,51 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def resolve_paths(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Make the file paths a config names relative to its own `folder` (as `base:` is), in place:
+    `task.path`, and each teacher's (and the method's) `encoder` (a local model folder: a value with a '/')
+    and `weights`.
+    `cache_dir` and `--out` stay relative to the working directory (they are where runs write)."""
+    def fix(section: Any, key: str, path_like: bool = True) -> None:
+        v = section.get(key) if isinstance(section, dict) else None
+        if isinstance(v, str) and v and path_like and not Path(v).expanduser().is_absolute():
+            section[key] = str((folder / Path(v).expanduser()).resolve())
+
+    fix(data.get("task"), "path")
+    teachers = data.get("teachers")
+    for t in [*(teachers.values() if isinstance(teachers, dict) else []), data.get("method")]:
+        if isinstance(t, dict):  # a teacher, or a method that reads an FM itself (levi, probes, finetune)
+            fix(t, "encoder", "/" in str(t.get("encoder", "")))
+            fix(t, "weights")
+    return data
+
+
+def task_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """Fill a missing `student:` (and `teachers:`) section with the task's defaults, in place; a task
+    config declares them as `default_student` (a section) and `default_teachers(task section)`."""
+    from fmtransfer.registry import TASKS
+
+    task = data.get("task")
+    name = task.get("name", TaskConfig().name) if isinstance(task, dict) else TaskConfig().name
+    if not isinstance(name, str) or name not in TASKS:
+        return data  # from_dict names the problem
+    cls = TASKS.get(name).config_cls
+    if data.get("student") is None:
+        student = getattr(cls, "default_student", None)
+        if student is None:
+            raise ConfigError(f"student: missing; task {name} has no default student, so name one, "
+                              "e.g. student: {name: mlp}")
+        data["student"] = dict(student)
+    if data.get("teachers") is None and hasattr(cls, "default_teachers"):
+        data["teachers"] = cls.default_teachers(task if isinstance(task, dict) else {})
+    return data
+
+
 def read_config_file(path: str | Path, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Read a run config, resolving `base: other.yaml` (relative to the file) by deep merge."""
+    """Read a run config, resolving `base: other.yaml` (relative to the file) by deep merge; the paths it
+    names resolve relative to the file that names them (`resolve_paths`)."""
     path = Path(path)
-    data = read_yaml(path)
+    data = resolve_paths(read_yaml(path), path.parent)
     base = data.pop("base", None)
     if base is None:
         return data
@@ -402,7 +451,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """
     data = dict(raw) if raw is not None else read_config_file(path) if path is not None else {}
     apply_overrides(data, overrides or [])
-    cfg = from_dict(RunConfig, data)
+    cfg = from_dict(RunConfig, task_defaults(data))
     if machine_checks:
         check_devices(cfg)
     return cfg

@@ -21,3 +21,11 @@ class ArtifactError(FmtError):
 
 class TrainingDiverged(FmtError, FloatingPointError):
     """The loss became NaN or inf (a learning rate too high, or non-finite inputs)."""
+
+
+def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
+    """' (did you mean 'x'?)' for the closest of `choices` to a mistyped `word`, else ''."""
+    import difflib
+
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from fmtransfer.errors import ConfigError
+from fmtransfer.errors import ConfigError, did_you_mean
 
 T = TypeVar("T")
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -53,7 +53,8 @@ class Registry(Generic[T]):
     def get(self, name: str) -> Entry[T]:
         load_builtins()
         if name not in self._entries:
-            raise ConfigError(f"unknown {self.kind} {name!r} (allowed: {', '.join(self.names())})")
+            raise ConfigError(f"unknown {self.kind} {name!r}{did_you_mean(name, self.names())} "
+                              f"(allowed: {', '.join(self.names())})")
         return self._entries[name]
 
     def names(self) -> list[str]:

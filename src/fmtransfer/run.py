@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+import types
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,8 +27,9 @@ from fmtransfer.integrity import publish
 from fmtransfer.registry import METHODS, MODELS, TASKS
 from fmtransfer.runfiles import clean_run_dir, read_metrics, write_run_file, write_run_json
 from fmtransfer.serving.manifest import PREPROCESSING_NAME
-from fmtransfer.teachers.base import PreparedTeacher, prepare_teacher
+from fmtransfer.teachers.base import PreparedTeacher, find_prepared, prepare_teacher
 from fmtransfer.train.distributed import DistContext, init_distributed, shutdown
+from fmtransfer.train.loggers import EpochLog
 from fmtransfer.train.loop import fit, predict_rows
 from fmtransfer.utils import atomic_write_json, count_params, seed_everything, stable_hash
 
@@ -103,6 +106,18 @@ def apply_num_threads(cfg: RunConfig) -> None:
         torch.set_num_threads(cfg.train.num_threads)
 
 
+def cached_reference(cfg: RunConfig, task: TaskData, name: str) -> PreparedTeacher | None:
+    """Reference teacher `name` as already prepared in the cache (its distill_from chain too), or None."""
+    tcfg = cfg.teachers[name]
+    source = None
+    if tcfg.distill_from is not None:
+        source = cached_reference(cfg, task, tcfg.distill_from)
+        if source is None:
+            return None
+    seed = tcfg.seed if tcfg.seed is not None else cfg.seed
+    return find_prepared(name, tcfg, task, cfg.cache_dir, seed=seed, source=source)
+
+
 def cache_teachers(cfg: RunConfig, names: list[str] | None = None) -> dict[str, PreparedTeacher]:
     """`fmtransfer cache`: prepare teachers and fill their caches now, so later runs only read them."""
     unknown = [n for n in names or [] if n not in cfg.teachers]
@@ -127,8 +142,12 @@ def cache_teachers(cfg: RunConfig, names: list[str] | None = None) -> dict[str, 
         shutdown(ctx)
 
 
-def run_experiment(cfg: RunConfig, out_dir: str | Path, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
-    """Run one experiment and return its metrics (also written to DIR/metrics.json)."""
+def run_experiment(cfg: RunConfig, out_dir: str | Path, resume: bool = False, quiet: bool = False,
+                   keep: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run one experiment and return its metrics (also written to DIR/metrics.json).
+
+    `keep` (the Python API's): a dict that receives the trained `method`, its `student` (best validation
+    weights) and the `task`, so a caller can predict without reloading."""
     out = Path(out_dir)
     metrics_path = out / "metrics.json"
     if metrics_path.exists():
@@ -143,12 +162,13 @@ def run_experiment(cfg: RunConfig, out_dir: str | Path, resume: bool = False, qu
             from fmtransfer.stream_run import run_stream
 
             return run_stream(cfg, out, resume, ctx, quiet)
-        return _run(cfg, out, resume, ctx, quiet)
+        return _run(cfg, out, resume, ctx, quiet, keep)
     finally:
         shutdown(ctx)
 
 
-def _run(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool) -> dict[str, Any]:
+def _run(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool,
+         keep: dict[str, Any] | None = None) -> dict[str, Any]:
     apply_num_threads(cfg)
     seed_everything(cfg.seed)
     config_hash = stable_hash(to_dict(cfg))
@@ -157,13 +177,25 @@ def _run(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool)
         clean_run_dir(out)
         write_run_file(out / "config.yaml", dump_config(cfg).encode())
     log = JsonlLog(out / "log.jsonl" if ctx.is_main else None)
+    epoch_log = EpochLog(log.phase("train"), cfg.train.loggers, out) if ctx.is_main and cfg.train.loggers else None
     t_start = time.perf_counter()
     task = build_task(cfg)
     method_entry = METHODS.get(cfg.method.name)
     needed = method_entry.impl.required_teachers(cfg.method, list(cfg.teachers))
     ref_name = cfg.reference_teacher_name()
-    names = needed + ([ref_name] if ref_name and ref_name not in needed else [])
+    # a method that reads no teacher prepares none: its reference teacher comes from the cache, or is absent
+    names = needed + ([ref_name] if ref_name and needed and ref_name not in needed else [])
     teachers = prepare_teachers(cfg, task, names, ctx, log)
+    ref_note = None
+    if ref_name and ref_name not in teachers:
+        found = cached_reference(cfg, task, ref_name)
+        if found is not None:
+            teachers[ref_name] = found
+        else:
+            ref_note = (f"teacher {ref_name!r} is not prepared in {cfg.cache_dir}, so gap recovered is null "
+                        f"(fmtransfer cache CONFIG --teacher {ref_name} prepares it)")
+            if ctx.is_main and not quiet:
+                print(f"fmtransfer: {cfg.method.name} reads no teacher; {ref_note}", file=sys.stderr, flush=True)
     t_cache = time.perf_counter() - t_start
 
     torch.manual_seed(cfg.seed)  # the student's init must not depend on whether teachers came from the cache
@@ -185,7 +217,9 @@ def _run(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool)
                  teacher_reps={n: teachers[n].reps for n in needed} if method.reads_reps else None,
                  uses_transfer=uses_transfer,
                  ckpt_path=out / "checkpoint.pt", resume=resume, config_hash=config_hash,
-                 desc=cfg.method.name, log=log.phase("train"))
+                 desc=cfg.method.name, log=epoch_log or log.phase("train"))
+    if epoch_log is not None:  # (a failed fit leaves the loggers' files as written so far)
+        epoch_log.close()
     t_train = time.perf_counter() - t_train0
     diagnostics = method.diagnostics() if hasattr(method, "diagnostics") else None  # over the whole training
     dump = os.environ.get(DEBUG_DUMP_ENV)
@@ -212,6 +246,10 @@ def _run(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool)
                        {"cache": t_cache, "train": t_train, "eval": t_eval})
     metrics["shipped_model"] = {"class": f"{type(student).__module__}:{type(student).__qualname__}",
                                 "built_by": "method" if own_model else "student"}  # what export must rebuild
+    if ref_note is not None:
+        metrics["reference"]["note"] = ref_note
+    if keep is not None:
+        keep.update(method=method, student=student, task=task)
     if diagnostics is not None or report:
         metrics["method_diagnostics"] = (diagnostics or {}) | (report or {})
         metrics["teacher_forward"]["skipped"] = (diagnostics or {}).get("pairs_skipped", 0)
@@ -285,3 +323,16 @@ def format_summary(metrics: dict[str, Any]) -> str:
              f"OOD {ood}" if ood else "", f"gap recovered {gap:.2f}" if gap is not None else "",
              f"best epoch {metrics['best_epoch']}", f"train {metrics['seconds']['train']:.1f}s"]
     return " | ".join(p for p in parts if p)
+
+
+class _RunModule(types.ModuleType):
+    """`fmtransfer.run` is this module and, called, the Python API's `ft.run(...)` (fmtransfer.api.run): the
+    package exports a function `run`, and importing this submodule rebinds that name to the module."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from fmtransfer.api import run
+
+        return run(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _RunModule

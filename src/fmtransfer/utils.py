@@ -16,6 +16,13 @@ import numpy as np
 import torch
 
 
+def bars_enabled() -> bool:
+    """Progress bars only on a terminal, and never under TQDM_DISABLE (CI, nohup and logs get plain lines)."""
+    import sys
+
+    return sys.stderr.isatty() and os.environ.get("TQDM_DISABLE", "").lower() in ("", "0", "false")
+
+
 def stable_hash(obj: Any, n: int = 16) -> str:
     """Hex digest of a JSON-serialisable object (keys sorted), stable across runs and machines."""
     blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":")).encode()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from tqdm.auto import tqdm
 from fmtransfer.errors import ArtifactError
 from fmtransfer.integrity import crc32_file
 from fmtransfer.locks import entry_lock
-from fmtransfer.utils import atomic_write_json
+from fmtransfer.utils import atomic_write_json, bars_enabled
 
 STORE_VERSION = 1
 DTYPES = {"float16": np.float16, "float32": np.float32, "int64": np.int64, "int32": np.int32}
@@ -146,7 +147,10 @@ class FeatureStore:
                   flush=True)
         computed = 0
         n_rows = sum(self.shard_range(k)[1] - self.shard_range(k)[0] for k in todo)
-        bar = tqdm(total=n_rows, desc=desc, unit="row", leave=False, disable=rank != 0 or n_rows == 0)
+        bars = bars_enabled()
+        if rank == 0 and n_rows and not bars:  # no bar off a terminal: say what the minutes ahead are spent on
+            print(f"fmtransfer: {desc}: {n_rows} rows to compute (cache {self.dir.name})", file=sys.stderr, flush=True)
+        bar = tqdm(total=n_rows, desc=desc, unit="row", leave=False, disable=rank != 0 or n_rows == 0 or not bars)
         for k in todo:
             start, end = self.shard_range(k)
             arrays = produce(start, end)

@@ -20,7 +20,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 
 @dataclass
 class DigitsConfig(TaskConfig):
+    default_student: ClassVar[dict[str, Any] | None] = {"name": "cnn"}
     name: str = "digits"
     labels: int | float | None = 500
     """Labeled training images (count or fraction); the rest of the training split is the transfer set."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy",
 
 @dataclass
 class MovieLensConfig(TaskConfig):
+    default_student: ClassVar[dict[str, Any] | None] = {"name": "mlrec"}
     name: str = "movielens"
     ood_fraction: float = 0.1
     """Latest ratings (by timestamp) held out as the OOD suite 'later'."""

@@ -20,7 +20,7 @@ import importlib.util
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ DEPARTMENTS = ["Tops", "Dresses", "Bottoms", "Intimate", "Jackets", "Trend"]
 
 @dataclass
 class ReviewsConfig(TaskConfig):
+    default_student: ClassVar[dict[str, Any] | None] = {"name": "ngram"}
     name: str = "reviews"
     labels: int | float | None = 250
     """Labeled Tops training rows: a count, a fraction, or null (= all); the rest is the transfer set."""

@@ -8,7 +8,7 @@ constant offset to `x`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ WORDS_NEG = ["bad", "poor", "awful", "weak"]
 
 @dataclass
 class SyntheticConfig(TaskConfig):
+    default_student: ClassVar[dict[str, Any] | None] = {"name": "mlp"}
     name: str = "synthetic"
     rows: int = 600
     dim: int = 8

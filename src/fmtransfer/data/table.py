@@ -5,7 +5,7 @@
       path: data/tickets.parquet
       label: priority                 # the target column
       kind: classification            # or regression
-      text: [subject, body]           # columns the foundation teacher reads (joined with ". ")
+      text: [subject, body]           # the FM reads them joined with ". "; the student reads their hashed n-grams
       categorical: [product, region]  # integer-coded, embedded by the student
       numeric: [age_days]             # z-scored with the training split's mean and std
       domain: region                  # optional: rows whose domain is in `ood_domains` become OOD suites
@@ -13,15 +13,19 @@
       labels: 500
 
 Rows outside `ood_domains` are split at random into train/val/test; each OOD domain is its own suite.
+The joined text also becomes hashed n-gram views (`words1`, `words2`, ... as in `reviews`: CRC-32 hashes
+that a student folds into its own buckets), so a student reads the text beside the other columns; the
+hashing is set by plain config values (`word_ngrams`, `char_ngrams`, `max_tokens`).
 A missing column, an unreadable file or an unknown format is a one-line error naming the fix; so are
 bad values (data/checks.py: inf, duplicate columns, a single class, non-UTF-8 bytes), or a warning.
+`path` is resolved relative to the config file that names it (see config.read_config_file).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -29,7 +33,7 @@ import torch
 from fmtransfer.config import TaskConfig
 from fmtransfer.data.base import TaskData, TextView, labeled_subset
 from fmtransfer.data.checks import check_labeled, check_table
-from fmtransfer.errors import DataError
+from fmtransfer.errors import DataError, did_you_mean
 from fmtransfer.preprocess import (
     category_codes,
     category_step,
@@ -37,6 +41,7 @@ from fmtransfer.preprocess import (
     fit_vocab,
     joined_texts,
     make_spec,
+    ngram_step,
     numbers,
     zscore_step,
 )
@@ -45,10 +50,16 @@ from fmtransfer.registry import TASKS
 TEXT_JOIN = ". "
 """The text columns of a row are joined with this before the foundation teacher reads them."""
 READERS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
+TEACHER_TRAIN = {"epochs": 20, "batch_size": 64, "steps_per_epoch": 20, "lr": 0.003}
+"""The loop of the default teachers: a fixed budget of small steps (a few hundred labels are the common case)."""
 
 
 @dataclass
 class TableConfig(TaskConfig):
+    default_student: ClassVar[dict[str, Any] | None] = {"name": "tabular"}
+    check_data: ClassVar[bool] = True
+    """`fmtransfer validate` reads the file and builds the task (the data is the user's, so check it)."""
+
     name: str = "table"
     path: str = ""
     label: str = "label"
@@ -62,15 +73,36 @@ class TableConfig(TaskConfig):
     test_fraction: float = 0.1
     positive_threshold: float | None = None
     """Regression only: also report the AUC of `label >= threshold`."""
+    word_ngrams: list[int] = field(default_factory=lambda: [1, 2])
+    """Word n-gram orders of the text columns, one student view each (`words1`, ...); [] and no
+    `char_ngrams` = the student reads no text."""
+    char_ngrams: list[int] = field(default_factory=list)
+    """Character n-gram orders inside '<word>' (`chars3`, ...), as in `reviews`."""
+    max_tokens: int = 256
+    """Longest n-gram list kept per row and view."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if any(n < 1 for n in [*self.word_ngrams, *self.char_ngrams]) or self.max_tokens < 1:
+            raise DataError("task: n-gram orders and max_tokens must be >= 1")
         if not self.path:
             raise DataError("task.path: name the Parquet, CSV or JSONL file to read")
         if self.ood_domains and not self.domain:
             raise DataError("task.ood_domains needs task.domain (the column that holds each row's domain)")
         if not 0 < self.val_fraction + self.test_fraction < 1:
             raise DataError("task: val_fraction + test_fraction must be in (0, 1)")
+
+
+    @staticmethod
+    def default_teachers(task: dict[str, Any]) -> dict[str, Any]:
+        """Teachers of a config without `teachers:`: MiniLM probed on the text columns (when the table has
+        any) and a wide `tabular` model of every column (complementary), both on the labeled rows."""
+        out: dict[str, Any] = {}
+        if task.get("text"):
+            out["fm"] = {"recipe": "probe", "encoder": "minilm", "train": dict(TEACHER_TRAIN)}
+        out["wide"] = {"recipe": "supervised", "train": dict(TEACHER_TRAIN),
+                       "model": {"name": "tabular", "hidden": [128], "ngram_buckets": 65536, "ngram_dim": 64}}
+        return out
 
 
 def read_table(path: str) -> Any:
@@ -108,7 +140,8 @@ def build_table(cfg: TableConfig) -> TaskData:
     wanted = [cfg.label, *cfg.text, *cfg.categorical, *cfg.numeric, *([cfg.domain] if cfg.domain else [])]
     for col in wanted:
         if col not in df.columns:
-            raise DataError(f"task: column {col!r} is not in {cfg.path} (columns: {', '.join(map(str, df.columns))})")
+            raise DataError(f"task: column {col!r} is not in {cfg.path}{did_you_mean(col, list(map(str, df.columns)))} "
+                            f"(columns: {', '.join(map(str, df.columns))})")
     if not cfg.text and not cfg.categorical and not cfg.numeric:
         raise DataError("task: name at least one input column (text, categorical or numeric)")
     check_table(df, cfg)  # duplicate columns, inf, a single class, empty columns (data/checks.py)
@@ -152,7 +185,12 @@ def build_table(cfg: TableConfig) -> TaskData:
     if cfg.text:
         joined = joined_texts({c: df[c].tolist() for c in cfg.text}, cfg.text, TEXT_JOIN)
         texts["row"] = TextView("row", joined)
-    if not steps:  # a text-only table: the student still needs a view; give it the row's length
+        if cfg.word_ngrams or cfg.char_ngrams:
+            clash = [v for v in _ngram_names(cfg) if v in [*cfg.categorical, *cfg.numeric]]
+            if clash:
+                raise DataError(f"task: column {clash[0]!r} clashes with the n-gram view of that name; rename it")
+            steps.append(ngram_step(cfg.text, cfg.word_ngrams, cfg.char_ngrams, cfg.max_tokens, TEXT_JOIN))
+    if not steps:  # a text table without n-grams: the student still needs a view; give it the row's length
         lengths = np.array([len(t) for t in texts["row"].texts], np.float32)
         steps.append({"op": "text_length", "columns": list(cfg.text), "join": TEXT_JOIN, "view": "text_length",
                       "mean": float(lengths.mean()), "std": float(lengths.std() or 1.0)})
@@ -175,9 +213,13 @@ def build_table(cfg: TableConfig) -> TaskData:
         metric="accuracy" if cfg.kind == "classification" else "rmse",
         higher_is_better=cfg.kind == "classification", cardinalities=cards, texts=texts, num_classes=num_classes,
         meta={"classes": classes, "positive_threshold": cfg.positive_threshold, "source": str(cfg.path),
-              "preprocessing": spec},
+              "preprocessing": spec, "ngram_views": [v for v in _ngram_names(cfg) if v in features]},
         raw=lambda rows: {c: df[c].iloc[rows.numpy()].tolist() for c in columns},
     )
+
+
+def _ngram_names(cfg: TableConfig) -> list[str]:
+    return [f"words{n}" for n in cfg.word_ngrams] + [f"chars{n}" for n in cfg.char_ngrams]
 
 
 def _numeric(series: Any, col: str) -> np.ndarray:

@@ -14,7 +14,7 @@ from torch import nn
 
 from fmtransfer.config import MethodConfig
 from fmtransfer.data.base import TaskData
-from fmtransfer.errors import ConfigError
+from fmtransfer.errors import ConfigError, did_you_mean
 from fmtransfer.models.base import TaskModel
 
 
@@ -72,5 +72,6 @@ def pick_teacher(name: str | None, available: list[str], method: str) -> str:
     if name is None:
         return available[0]
     if name not in available:
-        raise ConfigError(f"method.teacher: {name!r} is not a configured teacher (allowed: {', '.join(available)})")
+        raise ConfigError(f"method.teacher: {name!r} is not a configured teacher{did_you_mean(name, available)} "
+                          f"(allowed: {', '.join(available)})")
     return name

@@ -14,7 +14,7 @@ import torch
 
 from fmtransfer.config import MethodConfig
 from fmtransfer.data.base import TaskData
-from fmtransfer.errors import ConfigError
+from fmtransfer.errors import ConfigError, did_you_mean
 from fmtransfer.methods.base import Method
 from fmtransfer.methods.losses import distill_loss, masked_task_loss
 from fmtransfer.models.base import TaskModel
@@ -38,8 +38,8 @@ def committee(names: list[str] | None, available: list[str], method: str) -> lis
     chosen = names or available
     unknown = [n for n in chosen if n not in available]
     if unknown:
-        raise ConfigError(f"method.teachers: {unknown[0]!r} is not a configured teacher "
-                          f"(allowed: {', '.join(available)})")
+        raise ConfigError(f"method.teachers: {unknown[0]!r} is not a configured teacher"
+                          f"{did_you_mean(unknown[0], available)} (allowed: {', '.join(available)})")
     return list(dict.fromkeys(chosen))
 
 

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fmtransfer.errors import ConfigError, DataError
-from fmtransfer.utils import file_hash, stable_hash
+from fmtransfer.utils import bars_enabled, file_hash, stable_hash
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -45,6 +45,8 @@ def _transformers() -> Any:
     except ImportError:
         raise DataError("text teachers need transformers: pip install 'fmtransfer[text]'") from None
     transformers.logging.set_verbosity_error()
+    if not bars_enabled():
+        transformers.logging.disable_progress_bar()  # its weight-loading bar, like ours: on a terminal only
     return transformers
 
 
@@ -84,7 +86,7 @@ def embed_texts(texts: list[str], tokenizer: Any, model: torch.nn.Module, *, max
     lengths = [len(t) for t in texts]
     order = np.argsort(lengths, kind="stable")[::-1]
     out: torch.Tensor | None = None
-    bar = tqdm(total=len(texts), desc=desc, unit="text", leave=False, disable=len(texts) < 512)
+    bar = tqdm(total=len(texts), desc=desc, unit="text", leave=False, disable=len(texts) < 512 or not bars_enabled())
     for start in range(0, len(texts), batch_size):
         idx = order[start:start + batch_size]
         enc = tokenizer([texts[k] for k in idx], padding=True, truncation=True, max_length=max_length,

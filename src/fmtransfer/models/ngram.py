@@ -74,18 +74,7 @@ class NgramModel(TaskModel):
 
     def bucket_ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, L) bucket rows of every chosen view side by side, 0 for padding (trimmed to the longest row)."""
-        parts = []
-        for v in self.views:
-            h = batch.get(v)
-            if h is None or h.dim() != 2:
-                raise DataError(f"model ngram: the batch has no (B, L) n-gram view {v!r}")
-            if _eager():  # trimming padding is only a speed-up (padding rows are not pooled); a traced or
-                # exported graph must not freeze the example batch's width
-                width = int((h >= 0).sum(1).max()) if h.numel() else 0
-                h = h[:, :max(width, 1)]
-            h = h.long()
-            parts.append(torch.where(h >= 0, h % self.buckets + 1, torch.zeros_like(h)))
-        ids = torch.cat(parts, dim=1)
+        ids = bucket_ids(batch, self.views, self.buckets, "model ngram")
         if self.training and self.token_dropout > 0:
             keep = torch.rand(ids.shape, device=ids.device) >= self.token_dropout
             ids = ids * keep
@@ -93,22 +82,43 @@ class NgramModel(TaskModel):
 
     def body(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         ids = self.bucket_ids(batch)
-        pooled = self.bag(ids) if _eager() else self._bag_as_gather(ids)
-        return self.act(self.trunk(self.drop(pooled)))
-
-    def _bag_as_gather(self, ids: torch.Tensor) -> torch.Tensor:
-        """The embedding bag as a gather and a masked sum or mean: what the exported graphs run (torch exports
-        EmbeddingBag to ONNX as a loop over rows, which onnxruntime runs slowly); equal up to float rounding."""
-        emb = nn.functional.embedding(ids, self.bag.weight)
-        keep = (ids != 0).unsqueeze(-1).to(emb.dtype)  # row 0 is padding, never pooled
-        total = (emb * keep).sum(1)
-        return total if self.bag.mode == "sum" else total / keep.sum(1).clamp(min=1.0)
+        return self.act(self.trunk(self.drop(pool(self.bag, ids))))
 
     def head(self, z: torch.Tensor) -> torch.Tensor:
         return squeeze_regression(self.out(z), self.task_type)
 
     def offset(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | float:
         return self.mean if self.task_type == "regression" else 0.0
+
+
+def pool(bag: nn.EmbeddingBag, ids: torch.Tensor) -> torch.Tensor:
+    """The bag's pooled rows of `ids` (0 = padding): the EmbeddingBag itself when eager; in an exported graph a
+    gather and a masked sum or mean (torch exports EmbeddingBag to ONNX as a loop over rows, which onnxruntime
+    runs slowly); equal up to float rounding. Shared by `ngram` and `tabular`."""
+    if _eager():
+        return bag(ids)
+    emb = nn.functional.embedding(ids, bag.weight)
+    keep = (ids != 0).unsqueeze(-1).to(emb.dtype)  # row 0 is padding, never pooled
+    total = (emb * keep).sum(1)
+    return total if bag.mode == "sum" else total / keep.sum(1).clamp(min=1.0)
+
+
+def bucket_ids(batch: dict[str, torch.Tensor], views: list[str], buckets: int, reader: str) -> torch.Tensor:
+    """(B, L) embedding-bag rows of the n-gram `views` side by side: hash h -> 1 + h % buckets, padding -> 0.
+
+    Shared by `ngram` and the n-gram bag of `tabular`, so both fold a task's hashes the same way."""
+    parts = []
+    for v in views:
+        h = batch.get(v)
+        if h is None or h.dim() != 2:
+            raise DataError(f"{reader}: the batch has no (B, L) n-gram view {v!r}")
+        if _eager():  # trimming padding is only a speed-up (padding rows are not pooled); a traced or
+            # exported graph must not freeze the example batch's width
+            width = int((h >= 0).sum(1).max()) if h.numel() else 0
+            h = h[:, :max(width, 1)]
+        h = h.long()
+        parts.append(torch.where(h >= 0, h % buckets + 1, torch.zeros_like(h)))
+    return torch.cat(parts, dim=1)
 
 
 def _eager() -> bool:

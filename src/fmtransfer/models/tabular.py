@@ -1,7 +1,9 @@
 """Feature-based models: embeddings for categorical views, dense views as they are, an MLP on top.
 
 `mlrec` is the application model of recommendation tasks (the student, or with wide settings the
-complementary teacher); `mlp` is the same idea for tasks whose only view is a dense vector.
+complementary teacher); `mlp` is the same idea for tasks whose only view is a dense vector; `tabular`
+(the default student of `table`) also reads the hashed n-gram views of a table's text columns through
+one embedding bag (the `ngram` model's folding), beside the categorical and numeric columns.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from fmtransfer.config import ModelConfig
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ConfigError
 from fmtransfer.models.base import TaskModel, mlp, output_dim, squeeze_regression
+from fmtransfer.models.ngram import bucket_ids, pool
+from fmtransfer.ranges import at_least
 from fmtransfer.registry import MODELS
 
 
@@ -45,9 +49,12 @@ class FeatureModelConfig(ModelConfig):
 class FeatureModel(TaskModel):
     """Embeds each view, concatenates, runs an MLP; regression adds per-ID biases and the target mean."""
 
+    reads_ngrams = False
+    """`tabular`: (N, L) int views (hashed n-grams) go through one embedding bag; `mlrec`/`mlp` leave them out."""
+
     def __init__(self, cfg: FeatureModelConfig, task: TaskData) -> None:
         super().__init__()
-        names = cfg.features or list(task.features)
+        names = cfg.features or [f for f in task.features if self.reads_ngrams or not _is_ngram(task.features[f])]
         missing = [f for f in names if f not in task.features]
         if missing:
             raise ConfigError(f"student.features: {missing[0]!r} is not a feature of task {task.name} "
@@ -56,10 +63,16 @@ class FeatureModel(TaskModel):
         self.embeds = nn.ModuleDict()
         self.dense = nn.ModuleDict()
         self.scalars: list[str] = []
+        self.ngram_views: list[str] = []
         width = 0
         for f in names:
             t = task.features[f]
-            if not t.is_floating_point():
+            if _is_ngram(t):
+                if not self.reads_ngrams:
+                    raise ConfigError(f"student.features: {f!r} is a hashed n-gram view; model {cfg.name} does not "
+                                      "read text (student.name: tabular reads it beside the other columns)")
+                self.ngram_views.append(f)
+            elif not t.is_floating_point():
                 card = task.cardinalities.get(f)
                 if card is None:
                     raise ConfigError(f"task {task.name}: categorical feature {f!r} has no cardinality")
@@ -73,6 +86,15 @@ class FeatureModel(TaskModel):
             else:
                 self.dense[f] = nn.Linear(t.shape[1], cfg.small_dim)
                 width += cfg.small_dim
+        self.bag: nn.EmbeddingBag | None = None
+        if self.ngram_views:
+            assert isinstance(cfg, TabularConfig)
+            self.buckets, self.token_dropout = cfg.ngram_buckets, cfg.token_dropout
+            self.bag = nn.EmbeddingBag(cfg.ngram_buckets + 1, cfg.ngram_dim, mode="mean", padding_idx=0)
+            nn.init.normal_(self.bag.weight, std=0.1)
+            with torch.no_grad():
+                self.bag.weight[0].zero_()
+            width += cfg.ngram_dim
         self.out_dim = output_dim(task)
         sizes = [width, *cfg.hidden]
         self.trunk = mlp(sizes, cfg.dropout) if cfg.hidden else nn.Identity()
@@ -102,6 +124,11 @@ class FeatureModel(TaskModel):
         parts = list(embs.values())
         parts += [batch[f].float().unsqueeze(-1) for f in self.scalars]
         parts += [lin(batch[f].float()) for f, lin in self.dense.items()]
+        if self.bag is not None:
+            ids = bucket_ids(batch, self.ngram_views, self.buckets, "model tabular")
+            if self.training and self.token_dropout > 0:
+                ids = ids * (torch.rand(ids.shape, device=ids.device) >= self.token_dropout)
+            parts.append(pool(self.bag, ids))
         z = self.act(self.trunk(torch.cat(parts, dim=-1)))
         if self.pairs:
             z = torch.cat([z, *[embs[a] * embs[b] for a, b in self.pairs]], dim=-1)
@@ -134,5 +161,35 @@ class MLPConfig(FeatureModelConfig):
     interactions: list[list[str]] = field(default_factory=list)
 
 
+@dataclass
+class TabularConfig(MLPConfig):
+    name: str = "tabular"
+    hidden: list[int] = field(default_factory=lambda: [32])
+    dropout: float = 0.1
+    ngram_buckets: int = field(default=16384, metadata=at_least(1))
+    """Rows of the embedding bag that the text columns' n-gram hashes fold into (1 + hash % buckets)."""
+    ngram_dim: int = 32
+    token_dropout: float = 0.2
+    """While training, drop each n-gram of a row with this probability (as `ngram` does)."""
+
+    def __post_init__(self) -> None:
+        if self.ngram_buckets < 1 or self.ngram_dim < 1:
+            raise ConfigError(f"student.ngram_buckets and ngram_dim must be >= 1, got {self.ngram_buckets}, "
+                              f"{self.ngram_dim}")
+        if not 0 <= self.token_dropout < 1:
+            raise ConfigError(f"student.token_dropout must be in [0, 1), got {self.token_dropout}")
+
+
+class TabularModel(FeatureModel):
+    """`mlp` plus one embedding bag over every hashed n-gram view (a table's text columns)."""
+
+    reads_ngrams = True
+
+
+def _is_ngram(t: torch.Tensor) -> bool:
+    return not t.is_floating_point() and t.dim() == 2
+
+
 MODELS.register("mlrec", FeatureModelConfig, FeatureModel)
 MODELS.register("mlp", MLPConfig, FeatureModel)
+MODELS.register("tabular", TabularConfig, TabularModel)

@@ -146,6 +146,8 @@ def teacher_fingerprint(name: str, cfg: TeacherConfig, task: TaskData, seed: int
             del d[key]
     if d.get("train", {}).get("score_last") is True:
         del d["train"]["score_last"]  # likewise (a teacher's preparation never scores its last epoch apart)
+    if d.get("train", {}).get("loggers") == []:
+        del d["train"]["loggers"]  # likewise (loggers only watch the run's own loop)
     parts = [ARTIFACT_VERSION, name, d, task.fingerprint, seed, recipe.fingerprint_extra(cfg)]
     return stable_hash([*parts, source.fingerprint] if source is not None else parts)
 
@@ -231,6 +233,23 @@ def prepare_teacher(name: str, cfg: TeacherConfig, task: TaskData, cache_dir: st
         encoder_forwards=(meta.get("encoder_forwards", 0) if built_now else 0) + precomputed, from_cache=not built_now,
         extra={"prepare_seconds": meta["seconds"]}, cfg=cfg, cache_dir=cache_dir,
     )
+
+
+def find_prepared(name: str, cfg: TeacherConfig, task: TaskData, cache_dir: str | Path, *, seed: int,
+                  source: PreparedTeacher | None = None) -> PreparedTeacher | None:
+    """The teacher as already prepared in the cache, or None; never builds one (a run that reads no teacher
+    looks its reference teacher up here for "gap recovered" instead of preparing it)."""
+    cache_dir = Path(cache_dir)
+    fp = teacher_fingerprint(name, cfg, task, seed, source)
+    path = _artifact_dir(cache_dir, name, fp)
+    art = _load_artifact(path, fp, task) if (path / "meta.json").exists() else None
+    if art is None:
+        return None
+    meta = art["meta"]
+    return PreparedTeacher(
+        name=name, kind=cfg.kind, recipe=cfg.recipe, fingerprint=fp, outputs=art["outputs"], reps=art["reps"],
+        params=meta["params"], trainable_params=meta["trainable_params"], metrics=meta["metrics"], path=path,
+        from_cache=True, extra={"prepare_seconds": meta["seconds"]}, cfg=cfg, cache_dir=cache_dir)
 
 
 def _training_view(name: str, cfg: TeacherConfig, task: TaskData) -> TaskData:

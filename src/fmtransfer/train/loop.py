@@ -3,6 +3,8 @@
 Selection is on the validation split only: the state with the best validation score is kept and
 returned; test and OOD splits are never looked at here. A checkpoint is written atomically after
 every epoch; `resume=True` continues from it with the same batches, optimizer and RNG state.
+Progress: one line per epoch on stderr (rank 0), terminal or not; step bars only on a terminal and not
+under TQDM_DISABLE.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from fmtransfer.errors import TrainingDiverged
 from fmtransfer.train.batches import BatchPlan
 from fmtransfer.train.checkpoint import load_checkpoint, save_checkpoint
 from fmtransfer.train.distributed import DistContext
+from fmtransfer.utils import bars_enabled
 
 DEBUG_EXIT_ENV = "FMTRANSFER_DEBUG_EXIT_AFTER_EPOCH"
 """Tests set this to N to make the process die right after epoch N's checkpoint (a real kill)."""
@@ -110,6 +113,16 @@ def param_groups(method: nn.Module, lr: float) -> list[dict[str, Any]]:
     return [{"params": ps, "lr": lr * s} for s, ps in groups.items()]
 
 
+def epoch_line(desc: str, epoch: int, epochs: int, entry: dict[str, Any], metric: str, seconds: float) -> str:
+    """'kd epoch 3/10: train loss 0.4123, val accuracy 0.8512 (best), 2.1s' (what stderr shows per epoch)."""
+    loss = entry["train"].get("loss")
+    val = entry["val"].get(metric)
+    parts = [f"{desc} epoch {epoch}/{epochs}:", f"train loss {loss:.4f}," if loss is not None else "",
+             f"val {metric} {val:.4f}{' (best)' if entry['best'] else ''}," if val is not None else "",
+             f"{seconds:.1f}s"]
+    return " ".join(p for p in parts if p)
+
+
 def fit(method: nn.Module, task: TaskData, cfg: TrainConfig, *, seed: int, ctx: DistContext,
         teacher_outputs: dict[str, torch.Tensor] | None = None,
         teacher_reps: dict[str, np.ndarray | torch.Tensor] | None = None,
@@ -159,15 +172,17 @@ def fit(method: nn.Module, task: TaskData, cfg: TrainConfig, *, seed: int, ctx: 
         rows_read = st.get("teacher_rows_read", 0)
 
     amp = cfg.precision == "bf16"
+    bars = ctx.is_main and bars_enabled()
     t0 = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         if cfg.patience is not None and bad_epochs >= cfg.patience:
             break
         method.train()
+        t_epoch = time.perf_counter()
         sums: dict[str, float] = {}
         batches = plan.epoch(epoch)
         bar = tqdm(batches, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False, unit="step", dynamic_ncols=True,
-                   disable=not ctx.is_main or not sys.stderr.isatty())
+                   disable=not bars)
         for rows, labeled in bar:
             batch = to_device(make_batch(task, rows, labeled, teacher_outputs, teacher_reps), device)
             rows_read += len(rows) * len(teacher_outputs)
@@ -204,6 +219,9 @@ def fit(method: nn.Module, task: TaskData, cfg: TrainConfig, *, seed: int, ctx: 
                  "val": val_metrics, "lr": sched.get_last_lr()[0], "best": improved,
                  "seconds": round(time.perf_counter() - t0, 3)}
         history.append(entry)
+        if ctx.is_main:
+            print(epoch_line(desc, epoch + 1, cfg.epochs, entry, task.metric, time.perf_counter() - t_epoch),
+                  file=sys.stderr, flush=True)
         if log is not None and ctx.is_main:
             log(entry)
         if ckpt_path is not None and ctx.is_main:
