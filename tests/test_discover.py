@@ -93,3 +93,20 @@ def test_did_you_mean_for_teacher_names_and_table_columns(tmp_path: object) -> N
     cfg = load_config(raw={"task": {"name": "table", "path": str(path), "label": "priorty", "text": ["body"]}})
     with pytest.raises(DataError, match=r"column 'priorty' is not in .*t.csv \(did you mean 'priority'\?\)"):
         check_run(cfg)
+
+
+def test_list_into_a_closed_pipe_is_quiet() -> None:
+    """`fmtransfer list | head -1`: the reader leaves early; no error line, no traceback, exit 141 (SIGPIPE's)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "fmtransfer", "list"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=env)
+    assert p.stdout is not None and p.stderr is not None
+    p.stdout.readline()
+    p.stdout.close()  # the reader is gone: later writes raise BrokenPipeError
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 141, err
+    assert "Traceback" not in err and "error" not in err, err

@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"fmtransfer: interrupted{INTERRUPTED.get(args.cmd, '')}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our stdout left (`fmtransfer list | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141
     except Exception as e:  # one line, never a traceback: 2 for bad input (failures.py), 1 for a bug
         if debug():
             raise
