@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +25,8 @@ from fmtransfer.config import RunConfig, load_config, to_dict
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import FmtError
 from fmtransfer.export_fm import builds_own_model
-from fmtransfer.integrity import record
-from fmtransfer.locks import remove_stale_dirs
+from fmtransfer.integrity import publish_dir
+from fmtransfer.locks import staged_dir
 from fmtransfer.runfiles import check_run_files
 from fmtransfer.serving.formats import WRITERS
 from fmtransfer.serving.loader import load_predictor
@@ -312,24 +310,14 @@ def export_run(run_dir: str | Path, out_dir: str | Path, formats: str | Sequence
     example = tuple(task.features[k][task.splits["test"][:4]] for k in inputs)  # >1 row: batch stays symbolic
     meta = {"format": "fmtransfer-student", "task": task.name, "model": run.cfg.student.name,
             "inputs": ",".join(inputs)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    remove_stale_dirs(out)  # temp folders of a killed export to the same --out
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_dir(out) as tmp:  # temp folders of a killed export to the same --out are removed first
         for fmt in fmts:
             info = WRITERS[fmt](model, inputs, example, tmp / FILE_NAMES[fmt], meta)
             manifest.files[fmt] = file_record(tmp / FILE_NAMES[fmt]) | info
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
         verify_export(tmp, manifest, task, model, run)
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
-        record(tmp, [MANIFEST_NAME, *(rec["file"] for rec in manifest.files.values())])  # receipts.json
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        publish_dir(tmp, out, [MANIFEST_NAME, *(rec["file"] for rec in manifest.files.values())])
     return manifest
 
 

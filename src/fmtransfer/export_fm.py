@@ -26,8 +26,8 @@ from torch import nn
 
 from fmtransfer.config import to_dict
 from fmtransfer.data.base import TaskData
-from fmtransfer.integrity import record
-from fmtransfer.locks import remove_stale_dirs
+from fmtransfer.integrity import publish_dir
+from fmtransfer.locks import staged_dir
 from fmtransfer.serving.manifest import ExportError, Manifest, one_line
 
 FM_LIVE_ATOL = 0.02
@@ -284,8 +284,6 @@ def raw_rows(task: TaskData, rows: torch.Tensor, manifest: Manifest) -> dict[str
 def export_fm_run(run: Any, task: TaskData, out: Path, fmts: list[str]) -> Manifest:
     """`export_run` for a method's own FM model: text models served on raw texts from safetensors; image models
     as a graph with the backbone inside (TorchScript always, ONNX on request) beside their safetensors."""
-    import os
-    import shutil
 
     from safetensors.torch import save_file
 
@@ -319,12 +317,7 @@ def export_fm_run(run: Any, task: TaskData, out: Path, fmts: list[str]) -> Manif
     meta = {"format": "fmtransfer-student", "task": task.name, "model": run.cfg.method.name, "inputs": ",".join(inputs)}
     example = tuple(task.features[k][task.splits["test"][:4]] for k in inputs)
     extra: dict[str, Any] = {}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    remove_stale_dirs(out)  # temp folders of a killed export to the same --out
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_dir(out) as tmp:  # temp folders of a killed export to the same --out are removed first
         for fmt in fmts:
             if fmt == "safetensors":
                 save_file(shipped_state(shipped), str(tmp / FILE_NAMES[fmt]), metadata=meta)
@@ -339,10 +332,5 @@ def export_fm_run(run: Any, task: TaskData, out: Path, fmts: list[str]) -> Manif
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
         verify_fm_export(tmp, manifest, task, model, run)
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
-        record(tmp, [MANIFEST_NAME, *(rec["file"] for rec in manifest.files.values())])  # receipts.json
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        publish_dir(tmp, out, [MANIFEST_NAME, *(rec["file"] for rec in manifest.files.values())])
     return manifest

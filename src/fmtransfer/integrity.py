@@ -83,6 +83,16 @@ def record(folder: str | Path, names: list[str] | tuple[str, ...]) -> None:
     _write_receipts(folder, files)
 
 
+def publish_dir(tmp: str | Path, final: str | Path, names: list[str] | tuple[str, ...]) -> None:
+    """Write the receipts of `names` in the built folder `tmp`, then rename it to `final` (which may exist
+    only as an empty folder): readers see the whole folder with its receipts, or nothing."""
+    tmp, final = Path(tmp), Path(final)
+    record(tmp, names)
+    if final.exists():
+        final.rmdir()
+    os.replace(tmp, final)
+
+
 def publish(path: str | Path, write: Callable[[Path], None]) -> None:
     """Write `path` with `write(tmp)`, then rename it into place, keeping its receipt valid at every instant."""
     path = Path(path)

@@ -9,6 +9,7 @@ lock, released by the kernel if its holder dies, so a killed run never leaves th
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,3 +50,18 @@ def remove_stale_dirs(entry: Path) -> int:
             shutil.rmtree(p, ignore_errors=True)
             n += 1
     return n
+
+
+@contextlib.contextmanager
+def staged_dir(final: Path) -> Iterator[Path]:
+    """A fresh temp folder beside `final` to build it in, after removing what killed builds left; it is
+    deleted on the way out unless the block renamed it into place (integrity.publish_dir)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    remove_stale_dirs(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
