@@ -96,17 +96,18 @@ def test_did_you_mean_for_teacher_names_and_table_columns(tmp_path: object) -> N
 
 
 def test_list_into_a_closed_pipe_is_quiet() -> None:
-    """`fmtransfer list | head -1`: the reader leaves early; no error line, no traceback, exit 141 (SIGPIPE's)."""
+    """`fmtransfer list | head -1`: the reader has left; no error line, no traceback, exit 141 (SIGPIPE's)."""
     import os
     import subprocess
     import sys
 
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "fmtransfer", "list"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         env=env)
-    assert p.stdout is not None and p.stderr is not None
-    p.stdout.readline()
-    p.stdout.close()  # the reader is gone: later writes raise BrokenPipeError
-    err = p.stderr.read().decode()
-    assert p.wait(timeout=60) == 141, err
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before the first write: every write raises BrokenPipeError
+    try:
+        p = subprocess.run([sys.executable, "-m", "fmtransfer", "list"], stdout=w, stderr=subprocess.PIPE,
+                           env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=60)
+    finally:
+        os.close(w)
+    err = p.stderr.decode()
+    assert p.returncode == 141, err
     assert "Traceback" not in err and "error" not in err, err
