@@ -131,16 +131,7 @@ def _load_served_fm(export_dir: str | Path, manifest: Manifest, trusted: tuple[s
                           f"({', '.join(f for f in manifest.files if f != 'safetensors')}): "
                           "load_predictor(DIR, 'torchscript'), or fmtransfer predict --format torchscript")
     serve = importlib.import_module("fmtransfer.models.fm_serve")
-    from fmtransfer.models.hf_text import encoder_fingerprint
-
-    try:
-        found = encoder_fingerprint(fm["encoder"])
-    except Exception as e:
-        raise ExportError(f"the model's encoder {fm['encoder']!r} is not installed here ({one_line(e)}); install it "
-                          f"as for training (it was {fm['path']})") from None
-    if found != fm["fingerprint"]:
-        raise ExportError(f"encoder {fm['encoder']!r} here has files hashing to {found}, the export was made with "
-                          f"{fm['fingerprint']}; install the encoder the model was trained with")
+    check_encoder(fm)
     if fm.get("kind") == "finetuned":  # the encoder's architecture and tokenizer from the package, weights here
         model: nn.Module = serve.ServedTextFinetune(fm["encoder"], fm["max_length"], manifest.task["type"],
                                                     int(rec["out_dim"]))
