@@ -27,11 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fmtransfer.backbones.text import mean_pool
+from fmtransfer.cache.image import cached_backbone_outputs
 from fmtransfer.cache.text import TextEncoderCache
 from fmtransfer.config import load_config
-from fmtransfer.models.hf_text import mean_pool
 from fmtransfer.run import build_task
-from fmtransfer.teachers.image_fm import cached_backbone_outputs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ def image_side(cfg, task, rounds: int) -> dict[str, object]:  # type: ignore[no-
             shutil.rmtree(d, ignore_errors=True)
             cfg.bf16 = side == "bf16"
             t0 = time.perf_counter()
-            got[side], _ = cached_backbone_outputs(cfg, task, d, stop, False, torch.device("cpu"))
+            got[side], _ = cached_backbone_outputs(cfg.backbone_spec(), task, d, stop, False, torch.device("cpu"))
             if r:
                 times[side].append(time.perf_counter() - t0)
     cfg.bf16 = False

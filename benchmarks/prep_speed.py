@@ -35,12 +35,13 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import numpy as np
 import torch
 
+from fmtransfer.backbones.image import Preprocess, load_backbone, run_blocks
+from fmtransfer.cache.image import cached_backbone_outputs
 from fmtransfer.cache.text import TextEncoderCache
 from fmtransfer.config import load_config
 from fmtransfer.data.base import TaskData
 from fmtransfer.registry import RECIPES
 from fmtransfer.run import build_task
-from fmtransfer.teachers.image_fm import Preprocess, cached_backbone_outputs, load_backbone, run_blocks
 from fmtransfer.teachers.outputs import outputs_and_reps, prepare_batch_size
 from fmtransfer.train.loop import predict_rows
 
@@ -98,7 +99,7 @@ def text_encode(texts: list[str], rounds: int) -> dict[str, float]:
 
 def image_encode(task: TaskData, cfg, rounds: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
     root = Path(tempfile.mkdtemp(prefix="prep-speed-"))
-    net, pre = load_backbone(cfg), Preprocess(cfg.resolution, cfg.normalize)
+    net, pre = load_backbone(cfg.backbone_spec()), Preprocess(cfg.resolution, cfg.normalize)
     stop, bs = cfg.tap + 1, cfg.feature_batch_size
     images = task.features[cfg.feature]
     fmt = torch.channels_last if len(images) >= 1024 else torch.contiguous_format  # as the cache build does
@@ -112,7 +113,7 @@ def image_encode(task: TaskData, cfg, rounds: int) -> dict[str, float]:  # type:
     def build() -> None:
         d = root / "c"
         shutil.rmtree(d, ignore_errors=True)
-        cached_backbone_outputs(cfg, task, d, stop, False, CPU)
+        cached_backbone_outputs(cfg.backbone_spec(), task, d, stop, False, CPU)
 
     out = interleaved({"bare": bare, "prep": build}, rounds)
     shutil.rmtree(root, ignore_errors=True)

@@ -131,15 +131,17 @@ def minilm_cost(table: Path, sample: int) -> dict[str, float]:
     import pyarrow.parquet as pq
     import torch
 
-    from fmtransfer.models.hf_text import embed_texts, load_encoder
+    from fmtransfer.backbones.spec import BackboneSpec
+    from fmtransfer.backbones.text import TextBackbone
 
     torch.set_num_threads(1)
     texts = pq.ParquetFile(table).read_row_group(0, columns=["text"]).column("text").to_pylist()[:sample]
-    tok, model = load_encoder("minilm")
-    model.eval()
-    embed_texts(texts[:64], tok, model, max_length=64)  # warm-up
-    t0 = time.perf_counter()
-    embed_texts(texts, tok, model, max_length=64)
+    fm = TextBackbone(BackboneSpec(encoder="minilm", max_length=64))
+    fm.net.eval()
+    with torch.inference_mode():
+        fm.encode(texts[:64])  # warm-up
+        t0 = time.perf_counter()
+        fm.encode(texts)
     s = time.perf_counter() - t0
     return {"texts": len(texts), "seconds": s, "s_per_text": s / len(texts), "peak_rss_mib": peak_rss_mib()}
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fmtransfer.cache.capture import LayerCapture, depth_paths, pool, resolve_modules
+from fmtransfer.backbones.capture import LayerCapture, depth_paths, pool, resolve_modules
 from fmtransfer.cache.store import FeatureStore, FieldSpec
 from fmtransfer.errors import ArtifactError, ConfigError
 
@@ -106,7 +106,7 @@ def test_pooling_golden() -> None:
 
 
 def test_capture_by_module_path(tiny_bert: str) -> None:
-    from fmtransfer.models.hf_text import load_encoder
+    from fmtransfer.backbones.text import load_encoder
 
     tok, model = load_encoder(tiny_bert)
     paths = depth_paths(model, [0.5, 1.0])
@@ -123,8 +123,8 @@ def test_capture_by_module_path(tiny_bert: str) -> None:
 
 
 def test_text_cache_matches_fresh_encoding(tiny_bert: str, tmp_path: Path) -> None:
+    from fmtransfer.backbones.text import load_encoder, mean_pool
     from fmtransfer.cache.text import TextEncoderCache
-    from fmtransfer.models.hf_text import embed_texts, load_encoder
 
     texts = [f"good item {k % 10}" if k % 3 else f"bad poor weak item {k % 10}" for k in range(50)]
     cache = TextEncoderCache(texts, tiny_bert, tmp_path, layers=["last", "encoder.layer.0"], max_length=16)
@@ -132,12 +132,12 @@ def test_text_cache_matches_fresh_encoding(tiny_bert: str, tmp_path: Path) -> No
     again = TextEncoderCache(texts, tiny_bert, tmp_path, layers=["last", "encoder.layer.0"], max_length=16)
     assert again.build() == 0
     tok, model = load_encoder(tiny_bert)
-    fresh = embed_texts(texts, tok, model, max_length=16, batch_size=7)
+    enc = tok(texts, padding=True, truncation=True, max_length=16, return_tensors="pt")
+    with torch.no_grad(), LayerCapture(model, ["encoder.layer.0"]) as cap:  # by hand, in one unsorted batch
+        last = model(**enc).last_hidden_state
+    fresh = torch.nn.functional.normalize(mean_pool(last, enc["attention_mask"]), dim=-1)
     # fp16 storage of unit-norm vectors: agreement within 2e-3 (stated tolerance), not bitwise
     torch.testing.assert_close(again.get("last"), fresh, atol=2e-3, rtol=0)
-    enc = tok(texts, padding=True, truncation=True, max_length=16, return_tensors="pt")
-    with torch.no_grad(), LayerCapture(model, ["encoder.layer.0"]) as cap:
-        model(**enc)
     layer0 = torch.nn.functional.normalize(cap.pooled("mean", enc["attention_mask"])["encoder.layer.0"], dim=-1)
     torch.testing.assert_close(again.get("encoder.layer.0"), layer0, atol=2e-3, rtol=0)
     # a different text list is a different entry

@@ -63,8 +63,9 @@ def test_cache_command_shards_encoding_across_ranks(tmp_path: Path, tiny_bert: s
     ranks = {json.loads(p.read_text())["rank"] for p in (cache.store.dir / "shards").glob("*.json")}
     assert ranks == {0, 1}
     # the two ranks' shards equal a fresh single-process encoding within the fp16 tolerance
-    from fmtransfer.models.hf_text import embed_texts, load_encoder
+    from fmtransfer.backbones.spec import BackboneSpec
+    from fmtransfer.backbones.text import TextBackbone
 
-    tok, model = load_encoder(tiny_bert)
-    fresh = embed_texts(task.texts["row"].texts, tok, model, max_length=16)
+    with torch.no_grad():
+        fresh = TextBackbone(BackboneSpec(encoder=tiny_bert, max_length=16)).encode(task.texts["row"].texts)[0]
     torch.testing.assert_close(cache.get(), fresh, atol=2e-3, rtol=0)

@@ -30,22 +30,24 @@ def test_text_bf16_is_a_separate_cache_entry_close_to_fp32(tiny_bert: str, tmp_p
 
 @needs_effnet
 def test_image_bf16_changes_the_cache_key_and_fingerprint_only_when_on(tmp_path: Path) -> None:
+    from fmtransfer.backbones.image import weights_hash
+    from fmtransfer.cache.image import cached_backbone_outputs
     from fmtransfer.run import build_task
     from fmtransfer.teachers.base import teacher_fingerprint
-    from fmtransfer.teachers.image_fm import cached_backbone_outputs, weights_hash
 
     raw = {"task": {"name": "digits", "subsample": 100, "labels": 20, "rotations": [], "sklearn_digits": False},
            "teachers": {"fm": {"recipe": "image_probe", "resolution": 32, "tap": 1}}}
     cfg = load_config(raw=raw)
     on = load_config(raw={**raw, "teachers": {"fm": {**raw["teachers"]["fm"], "bf16": True}}})
     task = build_task(cfg)
-    a, ran_a = cached_backbone_outputs(cfg.teachers["fm"], task, tmp_path, 2, True, torch.device("cpu"))
-    b, ran_b = cached_backbone_outputs(on.teachers["fm"], task, tmp_path, 2, True, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    a, ran_a = cached_backbone_outputs(cfg.teachers["fm"].backbone_spec(), task, tmp_path, 2, True, cpu)
+    b, ran_b = cached_backbone_outputs(on.teachers["fm"].backbone_spec(), task, tmp_path, 2, True, cpu)
     assert ran_a == ran_b == task.num_rows  # two entries: the bf16 one did not reuse the fp32 features
     assert float(torch.nn.functional.cosine_similarity(a, b).min()) > 0.99
     t = cfg.teachers["fm"]
-    old_key = stable_hash(["image-backbone", weights_hash(t), t.backbone, t.resolution, t.normalize, 2, True,
-                           hash_arrays([task.features["image"]], 32), "augmentation:none"])
+    old_key = stable_hash(["image-backbone", weights_hash(t.backbone_spec()), t.backbone, t.resolution, t.normalize,
+                           2, True, hash_arrays([task.features["image"]], 32), "augmentation:none"])
     assert (tmp_path / "features" / old_key / "manifest.json").exists()  # off: the key as before the option
     assert len(list((tmp_path / "features").iterdir())) == 2
     fp_off, fp_on = (teacher_fingerprint("fm", c.teachers["fm"], task, 0) for c in (cfg, on))

@@ -39,7 +39,7 @@ def test_methods_registered() -> None:
 
 @pytest.mark.parametrize("solver", ["lbfgs", "adamw"])
 def test_lp_ft_probe_stage_leaves_backbone_unchanged(solver: str, tiny_bert: str, tmp_path: Path) -> None:
-    from fmtransfer.models.hf_text import load_encoder
+    from fmtransfer.backbones.text import load_encoder
 
     _, _, model = _build("lp_ft", tiny_bert, tmp_path, probe_solver=solver)
     _, fresh = load_encoder(tiny_bert)
@@ -86,7 +86,7 @@ def test_lora_rejects_unknown_targets(tiny_bert: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["finetune", "lp_ft", "wise_ft", "lora"])
 def test_method_runs_end_to_end(name: str, tiny_bert: str, tmp_path: Path) -> None:
-    from fmtransfer.models.hf_text import load_encoder
+    from fmtransfer.backbones.text import load_encoder
 
     cfg = _cfg(tiny_bert, tmp_path, {"name": name, **({"curve_rows": 30} if name == "wise_ft" else {})})
     m = run_experiment(cfg, tmp_path / "run", quiet=True)

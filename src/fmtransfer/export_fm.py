@@ -184,7 +184,7 @@ def fm_model_record(run: Any, model: nn.Module) -> dict[str, Any]:
     cfg = run.cfg.method
     params = sum(p.numel() for p in model.parameters())
     if is_image(model):  # served by its graph files; safetensors holds the trained weights for the record
-        from fmtransfer.teachers.image_fm import weights_path
+        from fmtransfer.backbones.image import weights_path
         from fmtransfer.utils import file_hash
 
         path = weights_path(_backbone_cfg(cfg))
@@ -213,9 +213,9 @@ def fm_model_record(run: Any, model: nn.Module) -> dict[str, Any]:
 
 
 def _backbone_cfg(cfg: Any) -> Any:
-    from fmtransfer.teachers.image_fm import ImageFMConfig
+    from fmtransfer.backbones.spec import BackboneSpec
 
-    return ImageFMConfig(backbone=cfg.backbone, weights=cfg.weights)
+    return BackboneSpec(backbone=cfg.backbone, weights=cfg.weights)
 
 
 def verify_fm_export(export_dir: Any, manifest: Manifest, task: TaskData, model: nn.Module, run: Any) -> None:

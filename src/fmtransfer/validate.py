@@ -83,7 +83,7 @@ def _build(model_cfg: Any, task: Any, where: str) -> None:
 def _check_teacher_files(name: str, t: Any) -> None:
     encoder = getattr(t, "encoder", None)
     if isinstance(encoder, str):
-        from fmtransfer.models.hf_text import resolve_encoder_path
+        from fmtransfer.backbones.text import resolve_encoder_path
 
         try:
             resolve_encoder_path(encoder)

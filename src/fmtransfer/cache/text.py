@@ -1,7 +1,8 @@
 """Frozen text encoders through the cache: each text is encoded once per (encoder, layers, pooling).
 
 Texts are sorted by length inside each shard so batches carry little padding; encoding runs under
-inference mode, optionally in bf16. Several layers are captured in one pass (forward hooks).
+inference mode, optionally in bf16. Several layers are captured in one pass (forward hooks). The encoder
+runs through `backbones.text.TextBackbone`, the one text forward pass.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fmtransfer.cache.capture import LayerCapture, Pooling, depth_paths
+from fmtransfer.backbones.capture import Pooling, depth_paths
+from fmtransfer.backbones.spec import BackboneSpec
+from fmtransfer.backbones.text import TextBackbone, encoder_fingerprint, resolve_encoder_path
 from fmtransfer.cache.store import FeatureStore, FieldSpec
-from fmtransfer.models.hf_text import encoder_fingerprint, load_encoder
 from fmtransfer.utils import stable_hash
 
 LAST = "last"
@@ -36,8 +38,7 @@ class TextEncoderCache:
         self.layers = layers or [LAST]
         self.pooling, self.max_length, self.normalize = pooling, max_length, normalize
         self.batch_size, self.bf16, self.device = batch_size, bf16, device
-        self._model: torch.nn.Module | None = None
-        self._tok = None
+        self._fm: TextBackbone | None = None
         self._paths: list[str] | None = None
         key = stable_hash(["text-encoder", encoder_fingerprint(encoder), stable_hash(texts, 32), self.layers,
                            pooling, max_length, normalize, dtype, bf16, augmentation])
@@ -50,40 +51,25 @@ class TextEncoderCache:
     def _hidden_size(self) -> int:
         import json
 
-        from fmtransfer.models.hf_text import resolve_encoder_path
-
         cfg = json.loads((Path(resolve_encoder_path(self.encoder_spec)) / "config.json").read_text())
         return int(cfg.get("hidden_size") or cfg["d_model"])
 
-    def _load(self) -> None:
-        if self._model is None:
-            self._tok, self._model = load_encoder(self.encoder_spec)
-            self._model.to(self.device).eval()
-            self._paths = [depth_paths(self._model, [1.0])[0] if p == LAST else p for p in self.layers]
+    def _load(self) -> TextBackbone:
+        if self._fm is None:
+            spec = BackboneSpec(modality="text", encoder=self.encoder_spec, max_length=self.max_length,
+                                l2_normalize=self.normalize, batch_size=self.batch_size, bf16=self.bf16)
+            self._fm = TextBackbone(spec)
+            self._fm.net.to(self.device).eval()
+            self._paths = [depth_paths(self._fm.net, [1.0])[0] if p == LAST else p for p in self.layers]
+        return self._fm
 
     @torch.inference_mode()
     def _produce(self, start: int, end: int) -> dict[str, np.ndarray]:
-        self._load()
-        assert self._model is not None and self._paths is not None
-        texts = self.texts[start:end]
-        order = np.argsort([len(t) for t in texts], kind="stable")[::-1]
-        out = {p: None for p in self._paths}
-        dev = torch.device(self.device)
-        for s in range(0, len(texts), self.batch_size):
-            idx = order[s:s + self.batch_size]
-            enc = self._tok([texts[k] for k in idx], padding="max_length" if self.pooling == "none" else True,
-                            truncation=True, max_length=self.max_length, return_tensors="pt").to(dev)
-            with LayerCapture(self._model, self._paths) as cap, \
-                    torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=self.bf16):
-                self._model(**enc)
-            for p, v in cap.pooled(self.pooling, enc["attention_mask"]).items():
-                v = v.float()
-                if self.normalize and self.pooling != "none":
-                    v = torch.nn.functional.normalize(v, dim=-1)
-                if out[p] is None:
-                    out[p] = np.zeros((len(texts), *v.shape[1:]), np.float32)
-                out[p][idx] = v.cpu().numpy()
-        return {_field(lp): out[p] for lp, p in zip(self.layers, self._paths, strict=True)}
+        fm = self._load()
+        assert self._paths is not None
+        got = fm.encode(self.texts[start:end], self._paths, order="longest", pooling=self.pooling,
+                        padding="max_length" if self.pooling == "none" else True, device=self.device)
+        return {_field(lp): g.cpu().numpy() for lp, g in zip(self.layers, got, strict=True)}
 
     def build(self, rank: int = 0, world: int = 1, barrier=None, desc: str = "encode") -> int:  # type: ignore[no-untyped-def]
         """Encode what is missing; returns the number of texts the encoder ran on (0 on a full hit)."""

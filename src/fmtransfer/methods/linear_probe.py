@@ -22,8 +22,8 @@ from fmtransfer.methods.base import Method
 from fmtransfer.methods.losses import masked_task_loss
 from fmtransfer.models.base import TaskModel
 from fmtransfer.models.fm_heads import FMModel, ProbeConfig, ProbeModel
-from fmtransfer.models.fm_layers import FMFeatures, FMLayersConfig, TappedFeatures, build_taps
-from fmtransfer.models.fm_live import measure_latency
+from fmtransfer.models.fm_layers import FMFeatures, FMLayersConfig, TappedFeatures
+from fmtransfer.models.fm_live import build_taps, measure_latency
 from fmtransfer.registry import METHODS
 from fmtransfer.utils import count_params
 

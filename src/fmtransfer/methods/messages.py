@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from fmtransfer.cache.capture import _first_tensor, depth_paths, pool, resolve_modules
+from fmtransfer.backbones.capture import _first_tensor, depth_paths, pool, resolve_modules
 from fmtransfer.errors import ConfigError
 from fmtransfer.models.base import TaskModel, mlp
 

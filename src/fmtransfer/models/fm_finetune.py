@@ -4,12 +4,13 @@ One model per modality, both a linear head on the pooled last layer (the same he
 - text: a Hugging Face encoder (MiniLM-L6 by default), mean-pooled last hidden state, standardised with
   statistics of the frozen encoder on the labeled training rows (fixed buffers: a reparameterised linear
   head that a small learning rate can move), dropout, linear head. Texts are tokenized once.
-- image: EfficientNet-Lite0 trained on live pixels (`teachers.image_fm.FinetuneImageModel` with every
+- image: EfficientNet-Lite0 trained on live pixels (`models.image_heads.FinetuneImageModel` with every
   block trainable), global average pool, linear head.
+Both run their backbone through `fmtransfer.backbones` (the one text and the one image forward pass).
 
 Also here: the probe stage (train only the head on the frozen backbone's features; the backbone is
-never touched) that `lp_ft` and `wise_ft` start from, and LoRA injection through peft (`inject_lora`; its
-backbone-level part `lora_backbone` is shared with LEVI's `method.lora`).
+never touched) that `lp_ft` and `wise_ft` start from, and LoRA injection (`inject_lora`, through
+`backbones.lora.lora_backbone`, shared with LEVI's `method.lora`).
 """
 
 from __future__ import annotations
@@ -21,15 +22,15 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from fmtransfer.backbones.image import load_backbone
+from fmtransfer.backbones.lora import lora_backbone, peft_module
+from fmtransfer.backbones.spec import BackboneSpec, resolve_modality, text_view
+from fmtransfer.backbones.text import TextBackbone, TokenizedTexts, load_encoder
 from fmtransfer.config import MethodConfig
 from fmtransfer.data.base import TaskData
-from fmtransfer.errors import ConfigError, DataError
+from fmtransfer.errors import ConfigError
 from fmtransfer.models.base import TaskModel, output_dim, squeeze_regression
-from fmtransfer.models.fm_layers import text_view
-from fmtransfer.models.hf_text import load_encoder, mean_pool
-from fmtransfer.teachers.image_fm import FinetuneImageModel, ImageFinetuneConfig, load_backbone
-
-PEFT_INSTALL = "pip install 'peft==0.21.2' 'torch==2.13.0'"
+from fmtransfer.models.image_heads import FinetuneImageModel
 
 
 @dataclass
@@ -54,8 +55,8 @@ class FMFinetuneConfig(MethodConfig):
     drop_connect: float = 0.2
     freeze_bn: bool = True
     """Image: BatchNorm layers stay in eval mode (the ImageNet running statistics; their affine weights still
-    train). Then the features a probe head was fitted on are the ones fine-tuning starts from: with batch
-    statistics, lp_ft's probe head (val 0.896 on digits) scored 0.19 after the first fine-tuning epoch."""
+    train). Then the features a probe head was fitted on are the ones fine-tuning starts from (with batch
+    statistics a fitted probe head collapses in the first epoch: docs/backbones.md)."""
     bn_momentum: float | None = 0.1
     """Image, with `freeze_bn: false`: BatchNorm running-statistics momentum while fine-tuning (null: the
     backbone's own 0.01, which lags far behind weights that change over a short budget)."""
@@ -65,6 +66,17 @@ class FMFinetuneConfig(MethodConfig):
     """Texts or images per backbone call when predicting (eval mode)."""
     timing_rows: int = 256
     """Test rows whose uncached prediction is timed for `inference_ms_per_example` (0: skip)."""
+
+    def backbone_spec(self, modality: str | None = None) -> BackboneSpec:
+        """This config's backbone knobs under their one name (`feature` -> view when reading images (`modality`:
+        the resolved one), `normalize` -> pixel_normalize, `encode_batch_size` -> batch_size); the text is
+        never L2-normalised here."""
+        image = (modality or self.modality) == "image"
+        return BackboneSpec(modality=self.modality, encoder=self.encoder,
+                            view=self.feature if image else self.view, max_length=self.max_length,
+                            l2_normalize=False, backbone=self.backbone, weights=self.weights,
+                            resolution=self.resolution, pixel_normalize=self.normalize,
+                            batch_size=self.encode_batch_size, drop_connect=self.drop_connect)
 
 
 @dataclass
@@ -89,19 +101,12 @@ class ProbeStageConfig(FMFinetuneConfig):
             raise ConfigError(f"method.probe_l2: one or more strengths >= 0, got {self.probe_l2}")
 
 
-TEXT_LORA_TARGETS = ["query", "key", "value"]
-IMAGE_LORA_TARGETS = ["_expand_conv", "_project_conv", "_conv_head"]
-
-
 def modality(cfg: FMFinetuneConfig, task: TaskData) -> str:
-    if cfg.modality != "auto":
-        return cfg.modality
-    if task.texts:
-        return "text"
-    if cfg.feature in task.features and task.features[cfg.feature].dim() == 4:
-        return "image"
-    raise ConfigError(f"method {cfg.name}: task {task.name} has neither a text view nor a 4-d image feature "
-                      f"{cfg.feature!r}; set method.modality or method.feature")
+    """text or image: `cfg.modality`, or for auto text when the task has a text view, else its `feature` images."""
+    if cfg.modality != "auto" or task.texts:
+        return "text" if cfg.modality == "auto" else cfg.modality
+    return resolve_modality(cfg.backbone_spec("image"), task, f"method {cfg.name}",
+                            fix="set method.modality or method.feature")
 
 
 # ----------------------------------------------------------------------------------------------- text
@@ -121,7 +126,8 @@ class TextFinetuneModel(TaskModel):
 
     def __init__(self, cfg: FMFinetuneConfig, task: TaskData, tokenizer: Any, encoder: nn.Module) -> None:
         super().__init__()
-        view = text_view(cfg, task)
+        spec = cfg.backbone_spec("text")
+        view = text_view(spec, task, f"method {cfg.name}")
         self.index = task.texts[view].index
         self.task_type = task.task_type
         self.encoder = encoder
@@ -129,20 +135,21 @@ class TextFinetuneModel(TaskModel):
             encoder.pooler.requires_grad_(False)
         self.encode_batch_size = cfg.encode_batch_size
         self.cache_eval = True
-        dim = int(encoder.config.hidden_size)
-        enc = tokenizer(task.texts[view].texts, padding="longest", truncation=True, max_length=cfg.max_length,
-                        return_tensors="pt")
-        self.register_buffer("ids", enc["input_ids"], persistent=False)
-        self.register_buffer("mask", enc["attention_mask"], persistent=False)
+        self._spec, self._tok = spec, tokenizer
+        dim = self.fm.hidden_size
+        self.rows = TokenizedTexts(self.fm, task.texts[view].texts)
         self.register_buffer("mu", torch.zeros(dim))
         self.register_buffer("sd", torch.ones(dim))
         self.drop = nn.Dropout(cfg.dropout)
         self.rep_dim, self.out_dim = dim, output_dim(task)
         self.out = nn.Linear(dim, self.out_dim)
-        self._table: torch.Tensor | None = None
-        self._have: torch.Tensor | None = None
         self._key: tuple[tuple[int, int], ...] | None = None
         self._snapshot: list[torch.Tensor] | None = None  # the weights the cached table was computed with
+
+    @property
+    def fm(self) -> TextBackbone:
+        """The forward pass over `self.encoder` as it is now (a LoRA merge or a copy may have replaced it)."""
+        return TextBackbone(self._spec, self._tok, self.encoder)
 
     def _tensors(self) -> list[torch.Tensor]:
         return [*self.encoder.parameters(), *self.encoder.buffers()]
@@ -153,41 +160,28 @@ class TextFinetuneModel(TaskModel):
         return len(now) == len(self._snapshot) and all(torch.equal(a, b) for a, b in zip(now, self._snapshot,
                                                                                          strict=True))
 
-    def _encode(self, idx: torch.Tensor) -> torch.Tensor:
-        ids, mask = self.ids[idx], self.mask[idx]
-        width = int(mask.sum(1).max())  # trim padding to the longest text of this batch
-        ids, mask = ids[:, :width], mask[:, :width]
-        return mean_pool(self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask).float()
-
     @torch.no_grad()
     def _eval_pooled(self, idx: torch.Tensor) -> torch.Tensor:
         key = _weights_key(self.encoder)
-        if self._key != key and self._snapshot is not None and self._table is not None \
-                and self._table.device == idx.device and self._same_weights():
+        table = self.rows.table
+        if self._key != key and self._snapshot is not None and table is not None \
+                and table.device == idx.device and self._same_weights():
             self._key = key  # written again with the same values (run.py reloads the best epoch = the last)
-        if self._table is None or self._key != key or self._table.device != idx.device:
-            self._table = torch.zeros(len(self.ids), self.rep_dim, device=idx.device)
-            self._have = torch.zeros(len(self.ids), dtype=torch.bool, device=idx.device)
+        if table is None or self._key != key or table.device != idx.device:
+            self.rows.clear()
             self._key = key
             self._snapshot = [t.detach().clone() for t in self._tensors()]
-        assert self._have is not None
-        todo = torch.unique(idx[~self._have[idx]])
-        todo = todo[torch.argsort(self.mask[todo].sum(1))]  # similar lengths per call: little padding
-        for s in range(0, len(todo), self.encode_batch_size):
-            chunk = todo[s:s + self.encode_batch_size]
-            self._table[chunk] = self._encode(chunk)
-        self._have[todo] = True
-        return self._table[idx]
+        return self.rows.eval_pooled(self.fm, idx, self.encode_batch_size, by_length=True)
 
     def pooled(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         idx = batch[self.index]
         if not self.training and self.cache_eval:
             return self._eval_pooled(idx)
         if not self.training:  # uncached eval (timing): chunks in the batch's order
-            return torch.cat([self._encode(idx[s:s + self.encode_batch_size])
+            return torch.cat([self.rows.encode(self.fm, idx[s:s + self.encode_batch_size])
                               for s in range(0, len(idx), self.encode_batch_size)])
         uniq, inverse = torch.unique(idx, return_inverse=True)
-        return self._encode(uniq)[inverse]
+        return self.rows.encode(self.fm, uniq)[inverse]
 
     def body(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return (self.pooled(batch) - self.mu) / self.sd
@@ -198,28 +192,8 @@ class TextFinetuneModel(TaskModel):
 
 # ---------------------------------------------------------------------------------------------- image
 
-
-class ImageFinetuneModel(FinetuneImageModel):
-    """EfficientNet trained end to end on live pixels with a linear head; `freeze_bn` keeps BatchNorm in eval
-    mode (running statistics fixed: used with LoRA, where the backbone is frozen)."""
-
-    freeze_bn: bool = False
-    cache_eval: bool = False  # nothing is cached: present so timing code can treat both models alike
-
-    def train(self, mode: bool = True) -> ImageFinetuneModel:
-        super().train(mode)
-        if self.freeze_bn:
-            for m in self.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        return self
-
-
-def _image_cfg(cfg: FMFinetuneConfig) -> ImageFinetuneConfig:
-    return ImageFinetuneConfig(backbone=cfg.backbone, weights=cfg.weights, feature=cfg.feature,
-                               resolution=cfg.resolution, normalize=cfg.normalize, hidden=[], dropout=cfg.dropout,
-                               feature_batch_size=cfg.encode_batch_size, top_blocks=None,
-                               drop_connect=cfg.drop_connect)
+ImageFinetuneModel = FinetuneImageModel
+"""The fine-tuning baselines' image model is the `image_finetune` teacher's (one class; the old name stays)."""
 
 
 # --------------------------------------------------------------------------------------------- builders
@@ -235,15 +209,14 @@ def build_fm_model(cfg: FMFinetuneConfig, task: TaskData, device: torch.device) 
         model.mu.copy_(feats.mean(0))
         model.sd.copy_(feats.std(0).clamp(min=1e-4) if len(feats) > 1 else torch.ones_like(model.sd))
         return model
-    icfg = _image_cfg(cfg)
-    net = load_backbone(icfg)
+    spec = cfg.backbone_spec("image")
+    net = load_backbone(spec)
     if cfg.bn_momentum is not None:
         for m in net.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.momentum = cfg.bn_momentum
     net.train()
-    model = ImageFinetuneModel(icfg, task, net, 0, None)
-    model.freeze_bn = cfg.freeze_bn
+    model = FinetuneImageModel(spec, task, net, 0, None, hidden=[], dropout=cfg.dropout, freeze_bn=cfg.freeze_bn)
     return model.train().to(device)
 
 
@@ -324,69 +297,19 @@ def fit_probe_head(model: TaskModel, task: TaskData, cfg: ProbeStageConfig, devi
             "probe_solver": "adamw", "probe_seconds": round(time.perf_counter() - t0, 3)}
 
 
-def _peft() -> Any:
-    try:
-        import peft
-    except ImportError:
-        raise DataError(f"method lora needs peft: {PEFT_INSTALL}") from None
-    return peft
-
-
-def _plain_pointwise(backbone: nn.Module, names: list[str]) -> None:
-    """Swap each named 1x1 conv (efficientnet_lite_pytorch's static-'same'-padding subclass, which peft cannot
-    clone for its adapters) for a plain nn.Conv2d with the same weights: a 1x1 conv pads nothing, so the
-    outputs are identical."""
-    for name in names:
-        parent_name, _, attr = name.rpartition(".")
-        parent = backbone.get_submodule(parent_name) if parent_name else backbone
-        m = getattr(parent, attr)
-        if type(m) is nn.Conv2d:
-            continue
-        plain = nn.Conv2d(m.in_channels, m.out_channels, 1, stride=m.stride, bias=m.bias is not None)
-        with torch.no_grad():
-            plain.weight.copy_(m.weight)
-            if m.bias is not None:
-                plain.bias.copy_(m.bias)
-        setattr(parent, attr, plain)
-
-
 def inject_lora(model: TaskModel, rank: int, alpha: float, dropout: float, target_modules: list[str] | None) -> int:
     """Add LoRA adapters to the backbone in place (peft), freeze every other backbone weight (the head stays
     trainable); returns the number of adapted modules."""
     if isinstance(model, TextFinetuneModel):
         backbone, image = model.encoder, False
-    elif isinstance(model, ImageFinetuneModel):
+    elif isinstance(model, FinetuneImageModel):
         backbone, image = model.backbone, True
         model.freeze_bn = True
     else:
-        _peft()
+        peft_module()
         raise ConfigError(f"method lora: cannot add LoRA to a {type(model).__name__}")
     adapted = lora_backbone(backbone, image, rank, alpha, dropout, target_modules)
     model.train(model.training)
     return adapted
 
 
-def lora_backbone(backbone: nn.Module, image: bool, rank: int, alpha: float, dropout: float,
-                  target_modules: list[str] | None) -> int:
-    """LoRA adapters (peft) on a bare backbone in place: a Hugging Face text encoder (default targets: the
-    attention projections) or an EfficientNet (the 1x1 convs); every non-LoRA weight of it is frozen.
-    Returns the number of adapted modules. Shared by `lora` and LEVI's `method.lora`."""
-    peft = _peft()
-    targets = target_modules or (IMAGE_LORA_TARGETS if image else TEXT_LORA_TARGETS)
-    if image:
-        for name, m in backbone.named_modules():
-            if any(name == t or name.endswith("." + t) for t in targets) and isinstance(m, nn.Conv2d) \
-                    and (m.kernel_size != (1, 1) or m.groups != 1):
-                raise ConfigError(f"method.target_modules: {name} is a {m.kernel_size} conv (groups {m.groups}); "
-                                  "LoRA here adapts only 1x1 convolutions (pointwise expand/project, conv_head)")
-    names = [n for n, _ in backbone.named_modules() if any(n == t or n.endswith("." + t) for t in targets)]
-    if not names:
-        raise ConfigError(f"method.target_modules: none of {targets} names a module of the backbone")
-    if image:
-        _plain_pointwise(backbone, names)
-    cfg = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
-                          target_modules=targets, bias="none")
-    peft.inject_adapter_in_model(cfg, backbone)
-    for n, p in backbone.named_parameters():
-        p.requires_grad_("lora_" in n)
-    return len(names)

@@ -6,7 +6,7 @@ per (backbone, inputs, layers) and stored in the sharded feature store:
 - text (`TextEncoderCache`): mean-pooled states of transformer layers. By default (`cache_layers: all`)
   every layer is captured in the one encoding pass, so an ablation over which layers to tap costs no
   further encoding.
-- images (`teachers.image_fm.cached_backbone_outputs`): the globally pooled output of EfficientNet
+- images (`cache.image.cached_backbone_outputs`): the globally pooled output of EfficientNet
   block `stop` (the final 1x1 head conv when every block runs), one store per tapped depth.
 
 A tap is a fraction of the backbone's depth (`layers`, default 0.5, 0.75, 1.0) or an explicit 1-based
@@ -14,10 +14,10 @@ layer/block number (`layer_ids`). `TappedFeatures` holds them as plain fp16 tabl
 buffers) looked up by the batch's `row`: never trained, never saved in a checkpoint or
 `student.safetensors`, never broadcast by DDP.
 `LiveTaps` (models/fm_live.py) computes the same features from raw inputs (the inference path), running the
-backbone only up to the deepest tapped layer.
+backbone only up to the deepest tapped layer; `fm_live.build_taps` picks the cached or the live path.
 
 `lora: true` (LEVI's LoRA option) reads no cache: the backbone, cut at the deepest tap and given LoRA
-adapters (peft, through `fm_finetune.lora_backbone`), computes the tapped features live on every training
+adapters (peft, through `backbones.lora.lora_backbone`), computes the tapped features live on every training
 step and every evaluation (`LiveTaps(lora=True)` inside `TappedFeatures`); only the adapters' weights of the
 backbone train, and only they are saved (the frozen weights are rebuilt from the package).
 `tune_backbone: true` computes the taps live the same way but trains every backbone weight up to the deepest
@@ -26,20 +26,17 @@ tap (full fine-tuning inside the method, at `train.lr * backbone_lr_scale`); the
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from fmtransfer.backbones.spec import BackboneSpec, backbone_fingerprint, resolve_modality, text_view
 from fmtransfer.config import MethodConfig
 from fmtransfer.data.base import TaskData, image_view
 from fmtransfer.errors import ConfigError
-
-if TYPE_CHECKING:
-    from fmtransfer.models.fm_live import LiveTaps
 
 Modality = Literal["auto", "text", "image"]
 
@@ -70,12 +67,14 @@ class FMLayersConfig(MethodConfig):
     cache_layers: Literal["all", "tapped"] = "all"
     """Text: capture every layer in the one encoding pass (ablations over taps reuse it) or only the taps."""
     cache_shard_rows: int = 4096
-    # image backbone (EfficientNet-Lite0, see teachers/image_fm.py)
+    # image backbone (EfficientNet-Lite0, see backbones/image.py)
     backbone: str = "efficientnet-lite0"
     weights: str | None = None
     resolution: int = 96
     image_normalize: Literal["lite", "imagenet"] = "lite"
+    """Image: pixel normalisation, `lite` (x - 0.5) / 0.5 or `imagenet` mean/std (the image recipes' `normalize`)."""
     feature_batch_size: int = 128
+    """Inputs per backbone call when features are computed (the cache, the live taps' chunks)."""
     lora: bool = False
     """LoRA adapters (peft) on the backbone: the tapped features are computed live from raw inputs (text view
     tokenized / image feature) at every step and evaluation, never read from the cache; only the adapters
@@ -115,16 +114,17 @@ class FMLayersConfig(MethodConfig):
             raise ConfigError(f"method.layer_ids: 1-based layer numbers, got {self.layer_ids}")
 
 
-def resolve_modality(cfg: FMLayersConfig, task: TaskData) -> str:
-    if cfg.modality != "auto":
-        return cfg.modality
-    if task.texts:
-        return "text"
-    feature = cfg.view or "image"
-    if feature in task.features and task.features[feature].dim() == 4:
-        return "image"
-    raise ConfigError(f"method {cfg.name}: task {task.name} has no text view and no image feature "
-                      f"{feature!r}; set method.modality and method.view")
+    def backbone_spec(self) -> BackboneSpec:
+        """These keys under the backbone's one name for each (`image_normalize` -> pixel_normalize,
+        `normalize` -> l2_normalize, `feature_batch_size` -> batch_size)."""
+        return BackboneSpec(modality=self.modality, encoder=self.encoder, view=self.view,
+                            max_length=self.max_length, l2_normalize=self.normalize, backbone=self.backbone,
+                            weights=self.weights, resolution=self.resolution, pixel_normalize=self.image_normalize,
+                            batch_size=self.feature_batch_size)
+
+
+def modality_of(cfg: FMLayersConfig, task: TaskData) -> str:
+    return resolve_modality(cfg.backbone_spec(), task, f"method {cfg.name}")
 
 
 def tap_depths(cfg: FMLayersConfig, n: int) -> list[int]:
@@ -159,37 +159,14 @@ class FMFeatures:
 # ------------------------------------------------------------------------------------------------ text
 
 
-def text_view(cfg: Any, task: TaskData) -> str:
-    """The text view a backbone reads: `cfg.view` or the task's first (any method config with name and view)."""
-    if not task.texts:
-        raise ConfigError(f"method {cfg.name}: task {task.name} has no text view for the text backbone")
-    v = cfg.view or next(iter(task.texts))
-    if v not in task.texts:
-        raise ConfigError(f"method.view: {v!r} is not a text view of task {task.name} "
-                          f"(allowed: {', '.join(task.texts)})")
-    return v
-
-
-def _text_layer_paths(encoder: str) -> list[str]:
-    """Module paths of the encoder's transformer layers, read from the model built from its config alone."""
-    from fmtransfer.cache.capture import transformer_layer_paths
-    from fmtransfer.models.hf_text import _transformers, resolve_encoder_path
-
-    tf = _transformers()
-    conf = tf.AutoConfig.from_pretrained(resolve_encoder_path(encoder), local_files_only=True)
-    with torch.device("meta"):
-        model = tf.AutoModel.from_config(conf)
-    return transformer_layer_paths(model)
-
-
 def text_features(cfg: FMLayersConfig, task: TaskData, cache_dir: str | Path,
                   device: torch.device) -> FMFeatures:
     """Pooled text states at the tapped layers for every row (encoding only what the cache lacks)."""
+    from fmtransfer.backbones.text import encoder_param_count, text_layer_paths, text_used_params
     from fmtransfer.cache.text import cached_text_embeddings
-    from fmtransfer.models.hf_text import encoder_param_count
 
-    view = text_view(cfg, task)
-    paths = _text_layer_paths(cfg.encoder)
+    view = text_view(cfg.backbone_spec(), task, f"method {cfg.name}")
+    paths = text_layer_paths(cfg.encoder)
     depths = tap_depths(cfg, len(paths))
     tapped = [paths[d - 1] for d in depths]
     cached = paths if cfg.cache_layers == "all" else tapped
@@ -200,99 +177,44 @@ def text_features(cfg: FMLayersConfig, task: TaskData, cache_dir: str | Path,
     rows = task.features[index].long() if index != "row" else None
     feats = [embs[p].half() if rows is None else embs[p][rows].half() for p in tapped]
     total = encoder_param_count(cfg.encoder)
-    used = _text_used_params(cfg.encoder, max(depths), len(paths), total)
+    used = text_used_params(cfg.encoder, max(depths), total)
     return FMFeatures(feats, tapped, "text", depths, len(paths), used, total, ran)
-
-
-def _text_used_params(encoder: str, deepest: int, n: int, total: int) -> int:
-    """Parameters of the embeddings and the first `deepest` layers (the pooler never runs)."""
-    from fmtransfer.models.hf_text import _transformers, resolve_encoder_path
-
-    tf = _transformers()
-    conf = tf.AutoConfig.from_pretrained(resolve_encoder_path(encoder), local_files_only=True)
-    with torch.device("meta"):
-        model = tf.AutoModel.from_config(conf)
-    stack = _layer_stack(model)
-    unused = sum(p.numel() for layer in list(stack)[deepest:] for p in layer.parameters())
-    pooler = getattr(model, "pooler", None)
-    unused += sum(p.numel() for p in pooler.parameters()) if pooler is not None else 0
-    return max(0, total - unused)
-
-
-def _layer_stack(model: nn.Module) -> nn.ModuleList:
-    return max((m for m in model.modules() if isinstance(m, nn.ModuleList)), key=len)
 
 
 # ----------------------------------------------------------------------------------------------- image
 
 
-def _image_cfg(cfg: FMLayersConfig) -> Any:
-    from fmtransfer.teachers.image_fm import ImageFMConfig
-
-    return ImageFMConfig(backbone=cfg.backbone, weights=cfg.weights, feature=cfg.view or "image",
-                         resolution=cfg.resolution, normalize=cfg.image_normalize,
-                         feature_batch_size=cfg.feature_batch_size)
-
-
-def _n_blocks(icfg: Any) -> int:
-    """MBConv blocks of the backbone, from its architecture (no weights loaded)."""
-    from efficientnet_lite_pytorch import EfficientNet
-
-    return len(EfficientNet.from_name(icfg.backbone, image_size=icfg.resolution)._blocks)
-
-
 def image_features(cfg: FMLayersConfig, task: TaskData, cache_dir: str | Path,
                    device: torch.device) -> FMFeatures:
     """Globally pooled backbone outputs after each tapped block for every row (one cached store per tap)."""
-    from fmtransfer.teachers.image_fm import _used_params, cached_backbone_outputs, load_backbone
+    from fmtransfer.backbones.image import load_backbone, used_params
+    from fmtransfer.cache.image import cached_backbone_outputs
 
-    icfg = _image_cfg(cfg)
-    image_view(task, icfg.feature, "method.view")
-    net = load_backbone(icfg)
+    spec = cfg.backbone_spec()
+    image_view(task, spec.feature, "method.view")
+    net = load_backbone(spec)
     n = len(net._blocks)
     depths = tap_depths(cfg, n)
     feats, ran = [], 0
     for stop in depths:
-        f, r = cached_backbone_outputs(icfg, task, cache_dir, stop, True, device)
+        f, r = cached_backbone_outputs(spec, task, cache_dir, stop, True, device)
         feats.append(f.half())
         ran += r
     names = [f"block{d}" if d < n else "head" for d in depths]
     total = sum(p.numel() for p in net.parameters())
-    return FMFeatures(feats, names, "image", depths, n, _used_params(net, max(depths)), total, ran)
+    return FMFeatures(feats, names, "image", depths, n, used_params(net, max(depths)), total, ran)
 
 
 def fm_features(cfg: FMLayersConfig, task: TaskData, cache_dir: str | Path, device: torch.device) -> FMFeatures:
     """The task's frozen FM features at the tapped layers (text or image, from the cache)."""
-    if resolve_modality(cfg, task) == "text":
+    if modality_of(cfg, task) == "text":
         return text_features(cfg, task, cache_dir, device)
     return image_features(cfg, task, cache_dir, device)
 
 
-def backbone_fingerprint(modality: str, encoder: str, image_cfg: Callable[[], Any]) -> str:
-    """Hash of the backbone weights a config may read (for teacher fingerprints): the text encoder's files
-    and/or the image backbone's weights file (`image_cfg()` builds its ImageFMConfig)."""
-    from fmtransfer.utils import stable_hash
-
-    parts = []
-    if modality in ("auto", "text"):
-        try:
-            from fmtransfer.models.hf_text import encoder_fingerprint
-
-            parts.append(encoder_fingerprint(encoder))
-        except Exception:  # an absent backbone cannot have been read
-            parts.append("no-text-encoder")
-    if modality in ("auto", "image"):
-        try:
-            from fmtransfer.teachers.image_fm import weights_hash
-
-            parts.append(weights_hash(image_cfg()))
-        except Exception:  # an absent backbone cannot have been read
-            parts.append("no-image-backbone")
-    return stable_hash(parts)
-
-
 def fm_fingerprint(cfg: FMLayersConfig) -> str:
-    return backbone_fingerprint(cfg.modality, cfg.encoder, lambda: _image_cfg(cfg))
+    """Hash of the backbone weights the config may read (part of a teacher's fingerprint)."""
+    return backbone_fingerprint(cfg.modality, cfg.encoder, cfg.backbone_spec)
 
 
 # -------------------------------------------------------------------------------------------- modules
@@ -304,7 +226,7 @@ class TappedFeatures(nn.Module):
     The (N, D_l) fp16 tables are plain attributes, not parameters or buffers: never trained, never saved,
     not broadcast by DDP at each step, and kept in CPU memory (a batch's rows are gathered, then moved)."""
 
-    def __init__(self, fm: FMFeatures, how: str, fit_rows: torch.Tensor, live: LiveTaps | None = None) -> None:
+    def __init__(self, fm: FMFeatures, how: str, fit_rows: torch.Tensor, live: nn.Module | None = None) -> None:
         super().__init__()
         self.names, self.dims = list(fm.names), [int(f.shape[1]) for f in fm.feats]
         self.how = how
@@ -338,16 +260,6 @@ class TappedFeatures(nn.Module):
 def fit_rows(task: TaskData) -> torch.Tensor:
     """Rows whose inputs (never labels) set z-score statistics: the labeled and transfer training rows."""
     return torch.cat([task.splits["train"], task.splits.get("transfer", task.splits["train"][:0])])
-
-
-def build_taps(cfg: FMLayersConfig, task: TaskData, cache_dir: str | Path,
-               device: torch.device) -> tuple[TappedFeatures, FMFeatures]:
-    if cfg.lora or cfg.tune_backbone:
-        from fmtransfer.models.fm_live import live_taps  # the live module imports this one
-
-        return live_taps(cfg, task, device)
-    fm = fm_features(cfg, task, cache_dir, device)
-    return TappedFeatures(fm, cfg.standardize, fit_rows(task)), fm
 
 
 def describe(fm: FMFeatures) -> dict[str, Any]:

@@ -3,60 +3,66 @@ features, computed at every step instead of read from the cache.
 
 Three users: inference (`LiveTaps` inside `measure_latency`, the figure behind LEVI's inference-cost target),
 `lora: true` (the backbone gets LoRA adapters that train) and `tune_backbone: true` (every backbone weight up to
-the deepest tap trains). The cached path, the configuration and the shared helpers live in `fm_layers.py`;
-`fm_layers.build_taps` hands over to `live_taps` here when the backbone trains.
+the deepest tap trains). The cached path and the configuration live in `fm_layers.py`; `build_taps` here picks
+one of the two paths. The backbone runs through `fmtransfer.backbones` (text: `TextBackbone`; images:
+`ImageBackbone`).
 """
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from fmtransfer.cache.capture import LayerCapture, pool
+from fmtransfer.backbones.image import ImageBackbone, Preprocess, load_backbone, used_params
+from fmtransfer.backbones.lora import lora_backbone
+from fmtransfer.backbones.spec import text_view
+from fmtransfer.backbones.text import TextBackbone, encoder_param_count, text_layer_paths, text_used_params
 from fmtransfer.data.base import TaskData, image_view
 from fmtransfer.models.fm_layers import (
     FMFeatures,
     FMLayersConfig,
     TappedFeatures,
-    _image_cfg,
-    _layer_stack,
-    _text_layer_paths,
-    _text_used_params,
     fit_rows,
-    resolve_modality,
+    fm_features,
+    modality_of,
     tap_depths,
-    text_view,
 )
+
+
+def build_taps(cfg: FMLayersConfig, task: TaskData, cache_dir: str | Path,
+               device: torch.device) -> tuple[TappedFeatures, FMFeatures]:
+    """The tapped features a method reads: cached frozen features, or (`lora` / `tune_backbone`) the live path."""
+    if cfg.lora or cfg.tune_backbone:
+        return live_taps(cfg, task, device)
+    fm = fm_features(cfg, task, cache_dir, device)
+    return TappedFeatures(fm, cfg.standardize, fit_rows(task)), fm
 
 
 def live_taps(cfg: FMLayersConfig, task: TaskData, device: torch.device) -> tuple[TappedFeatures, FMFeatures]:
     """`lora` / `tune_backbone`: taps computed live by the trainable backbone (no cache is read or written)."""
     from fmtransfer.train.loop import to_device
 
-    modality = resolve_modality(cfg, task)
+    modality = modality_of(cfg, task)
+    spec = cfg.backbone_spec()
     if modality == "text":
-        from fmtransfer.models.hf_text import encoder_param_count
-
-        text_view(cfg, task)
-        paths = _text_layer_paths(cfg.encoder)
+        text_view(spec, task, f"method {cfg.name}")
+        paths = text_layer_paths(cfg.encoder)
         n = len(paths)
         depths = tap_depths(cfg, n)
         names = [paths[d - 1] for d in depths]
         total = encoder_param_count(cfg.encoder)
-        used = _text_used_params(cfg.encoder, max(depths), n, total)
+        used = text_used_params(cfg.encoder, max(depths), total)
     else:
-        from fmtransfer.teachers.image_fm import _used_params, load_backbone
-
-        icfg = _image_cfg(cfg)
-        image_view(task, icfg.feature, "method.view")
-        net = load_backbone(icfg)
+        image_view(task, spec.feature, "method.view")
+        net = load_backbone(spec)
         n = len(net._blocks)
         depths = tap_depths(cfg, n)
         names = [f"block{d}" if d < n else "head" for d in depths]
-        total, used = sum(p.numel() for p in net.parameters()), _used_params(net, max(depths))
+        total, used = sum(p.numel() for p in net.parameters()), used_params(net, max(depths))
     live = LiveTaps(cfg, task, {"modality": modality, "backbone_layers": n, "depths": depths}, lora=cfg.lora,
                     tune=cfg.tune_backbone).to(device)
     live.eval()
@@ -93,33 +99,25 @@ class LiveTaps(nn.Module):
         self.chunk = max(1, cfg.feature_batch_size)
         n, depths = int(info["backbone_layers"]), list(info["depths"])
         deepest = n if full else max(depths)
+        spec = cfg.backbone_spec()
         if self.modality == "text":
-            from fmtransfer.models.hf_text import load_encoder
-
-            self.tok, self.net = load_encoder(cfg.encoder)
-            stack = _layer_stack(self.net)
-            paths = _text_paths_of(self.net)
-            parent, _, attr = paths[0].rsplit(".", 1)[0].rpartition(".")
-            owner = self.net.get_submodule(parent) if parent else self.net
-            setattr(owner, attr, nn.ModuleList(list(stack)[:deepest]))
-            if hasattr(self.net, "pooler"):
-                self.net.pooler = None
+            fm = TextBackbone(spec)
+            self.tok, self.net, self._spec = fm.tok, fm.net, spec
+            paths = fm.layer_paths
+            fm.cut(deepest)
             if lora:
                 self._add_lora(self.net, image=False)
             self.paths = [paths[n - 1]] if full else [paths[d - 1] for d in depths]
-            self.view = text_view(cfg, task)
+            self.view = text_view(spec, task, f"method {cfg.name}")
             self.texts = task.texts[self.view].texts
             self.index = task.texts[self.view].index
         else:
-            from fmtransfer.teachers.image_fm import Preprocess, _UsedBackbone, load_backbone
-
-            icfg = _image_cfg(cfg)
-            net = load_backbone(icfg)
+            net = load_backbone(spec)
             if lora:  # on the whole net (its module names are the targets'), before it is cut at the deepest tap
                 self._add_lora(net, image=True)
-            self.net = _UsedBackbone(net, deepest).eval()
-            self.pre = Preprocess(icfg.resolution, icfg.normalize)
-            self.feature = icfg.feature
+            self.net = ImageBackbone(net, deepest).eval()
+            self.pre = Preprocess.of(spec)
+            self.feature = spec.feature
             self.depths = [n] if full else depths
             self.n = n
         self.net.eval()
@@ -132,8 +130,6 @@ class LiveTaps(nn.Module):
             self.register_load_state_dict_pre_hook(_fill_frozen)
 
     def _add_lora(self, net: nn.Module, image: bool) -> None:
-        from fmtransfer.models.fm_finetune import lora_backbone
-
         c = self.cfg
         lora_backbone(net, image, c.rank, c.lora_alpha, c.lora_dropout, c.target_modules)
 
@@ -150,41 +146,19 @@ class LiveTaps(nn.Module):
         with torch.set_grad_enabled((self.lora or self.tune) and torch.is_grad_enabled()):
             if self.modality == "text":
                 idx = batch[self.index].tolist() if self.index != "row" else batch["row"].tolist()
-                if len(idx) <= self.chunk:
-                    return self._text(idx)
-                order = sorted(range(len(idx)), key=lambda i: len(self.texts[idx[i]]))
-                parts = [self._text([idx[i] for i in order[s:s + self.chunk]])
-                         for s in range(0, len(idx), self.chunk)]
-                inverse = torch.empty(len(order), dtype=torch.long)
-                inverse[torch.tensor(order)] = torch.arange(len(order))
-                return [torch.cat(f)[inverse.to(f[0].device)] for f in zip(*parts, strict=True)]
+                texts = [self.texts[i] for i in idx]
+                fm = TextBackbone(self._spec, self.tok, self.net)
+                # one call in the batch's order while it fits a chunk (training); else shortest first
+                return fm.encode(texts, self.paths, chunk=self.chunk,
+                                 order="given" if len(texts) <= self.chunk else "shortest")
             x = batch[self.feature]
             if len(x) <= self.chunk:
                 return self._image(x)
             parts = [self._image(x[s:s + self.chunk]) for s in range(0, len(x), self.chunk)]
             return [torch.cat(f) for f in zip(*parts, strict=True)]
 
-    def _text(self, idx: list[int]) -> list[torch.Tensor]:
-        enc = self.tok([self.texts[i] for i in idx], padding=True, truncation=True,
-                       max_length=self.cfg.max_length, return_tensors="pt")
-        device = next(self.net.parameters()).device
-        enc = {k: v.to(device) for k, v in enc.items()}
-        with LayerCapture(self.net, self.paths) as cap:
-            self.net(**enc)
-        out = list(cap.pooled("mean", enc["attention_mask"]).values())
-        return [nn.functional.normalize(o, dim=-1) if self.cfg.normalize else o for o in out]
-
     def _image(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.pre(x.float())
-        net, feats = self.net, []
-        x = net.swish(net.bn0(net.stem(x)))
-        for k, block in enumerate(net.blocks):
-            x = block(x, drop_connect_rate=None)
-            if k + 1 in self.depths and k + 1 < self.n:
-                feats.append(pool(x, "gap"))
-        if net.head is not None:
-            feats.append(pool(net.swish(net.head(x)), "gap"))
-        return feats
+        return self.net.intermediates(self.pre(x.float()), self.depths)
 
 
 def _drop_frozen(module: LiveTaps, state: dict[str, Any], prefix: str, _meta: Any) -> None:
@@ -198,12 +172,6 @@ def _fill_frozen(module: LiveTaps, state: dict[str, Any], prefix: str, *_: Any) 
     own = module.net.state_dict(keep_vars=True)
     for k in module._frozen:
         state.setdefault(f"{prefix}net.{k}", own[k].detach())
-
-
-def _text_paths_of(model: nn.Module) -> list[str]:
-    from fmtransfer.cache.capture import transformer_layer_paths
-
-    return transformer_layer_paths(model)
 
 
 @torch.no_grad()

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fmtransfer.cache.capture import LayerCapture, transformer_layer_paths
+from fmtransfer.backbones.capture import LayerCapture, transformer_layer_paths
+from fmtransfer.backbones.text import encoder_fingerprint, load_encoder, resolve_encoder_path
 from fmtransfer.models.fm_heads import FMModel
-from fmtransfer.models.hf_text import encoder_fingerprint, load_encoder, resolve_encoder_path
 from fmtransfer.preprocess import TEXT_VIEW as TEXT_KEY
 
 
@@ -116,7 +116,7 @@ class ServedTextFinetune(nn.Module):
         self.max_length, self.task_type, self.chunk = max_length, task_type, chunk
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        from fmtransfer.models.hf_text import mean_pool
+        from fmtransfer.backbones.text import mean_pool
 
         if TEXT_KEY not in batch:  # a graph file's call: token ids already in the batch
             ids, mask = batch["input_ids"], batch["attention_mask"]

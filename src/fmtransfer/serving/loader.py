@@ -99,7 +99,7 @@ def load_student(export_dir: str | Path, trusted: tuple[str, ...] = TRUSTED_MODU
 
 def check_encoder(fm: dict[str, Any]) -> None:
     """The text encoder (architecture, tokenizer, frozen weights) installed here must be the export's."""
-    from fmtransfer.models.hf_text import encoder_fingerprint
+    from fmtransfer.backbones.text import encoder_fingerprint
 
     try:
         found = encoder_fingerprint(fm["encoder"])
@@ -113,7 +113,8 @@ def check_encoder(fm: dict[str, Any]) -> None:
 
 def load_tokenizer(fm: dict[str, Any]) -> Any:
     """The tokenizer of a text model's encoder, from the package or folder it names (checked first)."""
-    from fmtransfer.models.hf_text import _transformers, resolve_encoder_path
+    from fmtransfer.backbones.text import resolve_encoder_path
+    from fmtransfer.backbones.text import transformers_module as _transformers
 
     check_encoder(fm)
     return _transformers().AutoTokenizer.from_pretrained(resolve_encoder_path(fm["encoder"]), local_files_only=True)

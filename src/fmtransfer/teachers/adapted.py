@@ -29,7 +29,8 @@ from fmtransfer.methods.levi import LEVI, LEVIConfig
 from fmtransfer.methods.linear_probe import FMMethod, LinearProbe, ProbeConfig
 from fmtransfer.methods.mlp_probe import MLPProbe, MLPProbeConfig
 from fmtransfer.models.base import TaskModel
-from fmtransfer.models.fm_layers import build_taps, fm_fingerprint
+from fmtransfer.models.fm_layers import fm_fingerprint
+from fmtransfer.models.fm_live import build_taps
 from fmtransfer.registry import RECIPES
 from fmtransfer.teachers.base import Recipe, TeacherBuild
 

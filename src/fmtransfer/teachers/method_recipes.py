@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from fmtransfer.backbones.spec import backbone_fingerprint
 from fmtransfer.config import ModelConfig, TeacherConfig
 from fmtransfer.data.base import TaskData
 from fmtransfer.methods.base import Method
@@ -37,7 +38,7 @@ from fmtransfer.methods.lp_ft import LPFT, LPFTConfig
 from fmtransfer.methods.wise_ft import WiseFT, WiseFTConfig
 from fmtransfer.models.base import TaskModel
 from fmtransfer.models.fm_finetune import FMFinetuneConfig
-from fmtransfer.models.fm_layers import backbone_fingerprint, fm_fingerprint
+from fmtransfer.models.fm_layers import fm_fingerprint
 from fmtransfer.registry import RECIPES
 from fmtransfer.teachers.base import Recipe, TeacherBuild
 
@@ -54,9 +55,7 @@ class _RunView:
 
 def finetune_fingerprint(cfg: FMFinetuneConfig) -> str:
     """Hash of the backbone weights a fine-tuning config may read (text encoder and/or image backbone)."""
-    from fmtransfer.models.fm_finetune import _image_cfg
-
-    return backbone_fingerprint(cfg.modality, cfg.encoder, lambda: _image_cfg(cfg))
+    return backbone_fingerprint(cfg.modality, cfg.encoder, lambda: cfg.backbone_spec("image"))
 
 
 class MethodRecipe(Recipe):

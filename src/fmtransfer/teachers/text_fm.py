@@ -19,12 +19,20 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from fmtransfer.backbones.capture import transformer_layer_paths
+from fmtransfer.backbones.spec import BackboneSpec
+from fmtransfer.backbones.text import (
+    TextBackbone,
+    TokenizedTexts,
+    encoder_fingerprint,
+    encoder_param_count,
+    load_encoder,
+)
 from fmtransfer.cache.text import TextEncoderCache, cached_text_embeddings
 from fmtransfer.config import ModelConfig, TeacherConfig
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ConfigError
 from fmtransfer.models.base import TaskModel, mlp, output_dim, squeeze_regression
-from fmtransfer.models.hf_text import encoder_fingerprint, encoder_param_count, load_encoder, mean_pool
 from fmtransfer.models.tabular import FeatureModelConfig
 from fmtransfer.registry import MODELS, RECIPES
 from fmtransfer.teachers.base import Recipe, TeacherBuild
@@ -50,6 +58,13 @@ class TextTeacherConfig(TeacherConfig):
     """Texts per cache shard (under torchrun each rank encodes its own shards)."""
     bf16: bool = False
     """Run the frozen encoder under bf16 autocast when filling the cache."""
+
+    def backbone_spec(self) -> BackboneSpec:
+        """These keys under the backbone's one name for each (`normalize` -> l2_normalize; texts per encoder
+        call: `encode_batch_size` where the recipe has one, else the cache's 64)."""
+        return BackboneSpec(modality="text", encoder=self.encoder, max_length=self.max_length,
+                            l2_normalize=self.normalize, batch_size=getattr(self, "encode_batch_size", 64),
+                            bf16=self.bf16)
 
 
 @dataclass
@@ -188,71 +203,45 @@ class Hybrid(Probe):
         return TeacherBuild(model, frozen_params=encoder_param_count(cfg.encoder), encoder_forwards=ran)
 
 
-def _transformer_layers(encoder: nn.Module) -> nn.ModuleList:
-    """The encoder's stack of transformer layers (the longest ModuleList in the model)."""
-    lists = [m for m in encoder.modules() if isinstance(m, nn.ModuleList)]
-    if not lists:
-        raise ConfigError(f"{type(encoder).__name__}: no transformer layer stack found for top_layers")
-    return max(lists, key=len)
-
-
 class FinetuneTextModel(TextHeadModel):
-    """The encoder itself trains (top layers or all); in eval mode whole-view embeddings are cached."""
+    """The encoder itself trains (top layers or all); in eval mode whole-view embeddings are cached (and
+    forgotten at every train()/eval() switch). Each view is a `TokenizedTexts` over the one encoder."""
 
     def __init__(self, cfg: FinetuneTeacherConfig, task: TaskData, views: dict[str, str], tokenizer: Any,
                  encoder: nn.Module, features: TaskModel | None = None) -> None:
         super().__init__(cfg, task, views, int(encoder.config.hidden_size), features)
         self.encoder = encoder
+        self._spec, self._tok = cfg.backbone_spec(), tokenizer
         self.normalize, self.encode_batch_size = cfg.normalize, cfg.encode_batch_size
         if cfg.top_layers is not None:
             encoder.requires_grad_(False)
-            layers = _transformer_layers(encoder)
+            layers = [encoder.get_submodule(p) for p in transformer_layer_paths(encoder)]
             if not 0 < cfg.top_layers <= len(layers):
                 raise ConfigError(f"teachers.*.top_layers: must be between 1 and {len(layers)}, got {cfg.top_layers}")
             for layer in layers[len(layers) - cfg.top_layers:]:
                 layer.requires_grad_(True)
-        for v in views:
-            enc = tokenizer(task.texts[v].texts, padding="longest", truncation=True, max_length=cfg.max_length,
-                            return_tensors="pt")
-            self.register_buffer(f"ids_{v}", enc["input_ids"], persistent=False)
-            self.register_buffer(f"mask_{v}", enc["attention_mask"], persistent=False)
-        self._table_cache: dict[str, torch.Tensor] = {}
-        self._have: dict[str, torch.Tensor] = {}
+        self.rows = nn.ModuleDict({v: TokenizedTexts(self.fm, task.texts[v].texts) for v in views})
+
+    @property
+    def fm(self) -> TextBackbone:
+        """The forward pass over `self.encoder` as it is now."""
+        return TextBackbone(self._spec, self._tok, self.encoder)
 
     def train(self, mode: bool = True) -> FinetuneTextModel:
-        self._table_cache, self._have = {}, {}  # weights change in training: forget encoded texts
+        for rows in self.rows.values():  # weights change in training: forget encoded texts
+            rows.clear()  # type: ignore[operator]
         return super().train(mode)
-
-    def _encode(self, v: str, idx: torch.Tensor) -> torch.Tensor:
-        ids, mask = getattr(self, f"ids_{v}")[idx], getattr(self, f"mask_{v}")[idx]
-        width = int(mask.sum(1).max())  # trim padding to the longest text of this batch
-        ids, mask = ids[:, :width], mask[:, :width]
-        emb = mean_pool(self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
-        return nn.functional.normalize(emb, dim=-1) if self.normalize else emb
-
-    @torch.no_grad()
-    def _eval_embeddings(self, v: str, idx: torch.Tensor) -> torch.Tensor:
-        """In eval mode each text is encoded once, when first asked for (validation reads only its rows)."""
-        n = getattr(self, f"ids_{v}").shape[0]
-        if v not in self._table_cache:
-            self._table_cache[v] = torch.zeros(n, self.encoder.config.hidden_size, device=idx.device)
-            self._have[v] = torch.zeros(n, dtype=torch.bool, device=idx.device)
-        todo = torch.unique(idx[~self._have[v][idx]])
-        for s in range(0, len(todo), self.encode_batch_size):
-            chunk = todo[s:s + self.encode_batch_size]
-            self._table_cache[v][chunk] = self._encode(v, chunk).float()
-        self._have[v][todo] = True
-        return self._table_cache[v][idx]
 
     def text_embeddings(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}
+        fm = self.fm
         for v, index in self.views.items():
-            idx = batch[index]
-            if not self.training:
-                out[v] = self._eval_embeddings(v, idx)
+            idx, rows = batch[index], self.rows[v]
+            if not self.training:  # each text encoded once, when first asked for (validation reads its rows)
+                out[v] = rows.eval_pooled(fm, idx, self.encode_batch_size, by_length=False)  # type: ignore[operator]
                 continue
             uniq, inverse = torch.unique(idx, return_inverse=True)
-            out[v] = self._encode(v, uniq)[inverse]
+            out[v] = rows.encode(fm, uniq)[inverse]  # type: ignore[operator]
         return out
 
 

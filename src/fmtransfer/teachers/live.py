@@ -6,6 +6,8 @@ the same trained weights (read from the teacher's artifact), whose `text_embeddi
 encodes the texts of the batch's rows every call. `serve-bench` times it beside the exported student
 and checks its outputs against the artifact's stored outputs, so what it times is the teacher.
 Other recipes plug in with a `live_model(cfg, task) -> LiveSpec` classmethod on the recipe class.
+The timing itself is serve-bench's; this module only rebuilds the teacher (the encoder runs through
+`backbones.text.TextBackbone`).
 """
 
 from __future__ import annotations
@@ -22,14 +24,20 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fmtransfer.backbones.text import TextBackbone, load_encoder, resolve_encoder_path
 from fmtransfer.config import RunConfig
 from fmtransfer.data.base import TaskData
+from fmtransfer.errors import ArtifactError
 from fmtransfer.integrity import verify_folder
-from fmtransfer.models.hf_text import load_encoder, mean_pool, resolve_encoder_path
 from fmtransfer.registry import MODELS, RECIPES
-from fmtransfer.serving.manifest import ExportError, one_line
 from fmtransfer.teachers.base import teacher_fingerprint
 from fmtransfer.teachers.text_fm import TextHeadModel, TextTeacherConfig
+
+
+def one_line(e: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line, cut to `limit` characters (for one-line user errors)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class LiveTextModel(TextHeadModel):
@@ -40,23 +48,17 @@ class LiveTextModel(TextHeadModel):
         super().__init__(cfg, task, views, int(encoder.config.hidden_size), features)  # type: ignore[arg-type]
         self.tokenizer, self.encoder = tokenizer, encoder.eval()
         self.texts = {v: task.texts[v].texts for v in views}
-        self.max_length, self.normalize = cfg.max_length, cfg.normalize
-        self.chunk = 64  # texts per encoder call, as the teacher's own embedding cache encodes them
+        # texts per encoder call: 64, as the teacher's own embedding cache encodes them
+        self._spec = cfg.backbone_spec()
 
     def text_embeddings(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Encode the batch's distinct texts per view, longest first in chunks (as a fair server would)."""
+        fm = TextBackbone(self._spec, self.tokenizer, self.encoder)
         out = {}
         for v, index in self.views.items():
             uniq, inverse = torch.unique(batch[index], return_inverse=True)
-            texts = [self.texts[v][i] for i in uniq.tolist()]
-            order = sorted(range(len(texts)), key=lambda k: -len(texts[k]))  # little padding per chunk
-            emb = torch.empty(len(texts), int(self.encoder.config.hidden_size))
-            for s in range(0, len(order), self.chunk):
-                idx = order[s:s + self.chunk]
-                enc = self.tokenizer([texts[k] for k in idx], padding=True, truncation=True,
-                                     max_length=self.max_length, return_tensors="pt")
-                emb[idx] = mean_pool(self.encoder(**enc).last_hidden_state, enc["attention_mask"])
-            out[v] = (nn.functional.normalize(emb, dim=-1) if self.normalize else emb)[inverse]
+            emb = fm.encode([self.texts[v][i] for i in uniq.tolist()], chunk=64, order="longest")[0]
+            out[v] = emb[inverse]
         return out
 
 
@@ -135,34 +137,34 @@ def build_fm_path(cfg: RunConfig, metrics: dict[str, Any], task: TaskData, name:
     tcfg = cfg.teachers[name]
     builder = live_builder(tcfg.recipe)
     if builder is None:
-        raise ExportError(f"teacher {name!r} uses recipe {tcfg.recipe!r}, which has no live serving path yet "
+        raise ArtifactError(f"teacher {name!r} uses recipe {tcfg.recipe!r}, which has no live serving path yet "
                           f"(recipes with one: {', '.join(LIVE_BUILDERS)})")
     seen = (metrics.get("teachers") or {}).get(name) or {}
     seed = tcfg.seed if tcfg.seed is not None else cfg.seed
     fp = seen.get("fingerprint") or teacher_fingerprint(name, tcfg, task, seed)
     artifact = Path(cache_dir or cfg.cache_dir) / "teachers" / f"{name}-{fp}"
     if not (artifact / "weights.safetensors").is_file():
-        raise ExportError(f"teacher {name!r}: artifact {artifact} not found; pass --cache-dir with the run's "
+        raise ArtifactError(f"teacher {name!r}: artifact {artifact} not found; pass --cache-dir with the run's "
                           f"cache_dir (config says {cfg.cache_dir!r})")
     spec = builder(tcfg, task)
     model = spec.model
     damaged = verify_folder(artifact, ("weights.safetensors", "meta.json", "outputs.npy"))
     if damaged is not None:
-        raise ExportError(f"teacher {name!r}: artifact {artifact} is corrupt ({damaged}); delete that folder and "
+        raise ArtifactError(f"teacher {name!r}: artifact {artifact} is corrupt ({damaged}); delete that folder and "
                           "prepare the teacher again (fmtransfer cache CONFIG)")
     try:
         state = load_file(str(artifact / "weights.safetensors"))
     except Exception as e:  # safetensors raises SafetensorError on a damaged header
-        raise ExportError(f"teacher {name!r}: {artifact / 'weights.safetensors'} does not load ({one_line(e)}); "
+        raise ArtifactError(f"teacher {name!r}: {artifact / 'weights.safetensors'} does not load ({one_line(e)}); "
                           "delete that folder and prepare the teacher again (fmtransfer cache CONFIG)") from None
     live = {k: v for k, v in state.items() if not k.startswith(spec.cached_prefix)}
     try:
         missing, unexpected = model.load_state_dict(live, strict=False)
     except RuntimeError as e:
-        raise ExportError(f"teacher {name!r}: artifact weights do not fit the live path ({one_line(e)})") from None
+        raise ArtifactError(f"teacher {name!r}: artifact weights do not fit the live path ({one_line(e)})") from None
     missing = [k for k in missing if not k.startswith(spec.backbone_prefix)]
     if missing or unexpected:
-        raise ExportError(f"teacher {name!r}: artifact weights do not fit the live path "
+        raise ArtifactError(f"teacher {name!r}: artifact weights do not fit the live path "
                           f"(missing {missing[:2]}, unexpected {unexpected[:2]})")
     model.eval().requires_grad_(False)
     head = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith(spec.backbone_prefix)}
