@@ -9,9 +9,8 @@ meet (docs/backbones.md has the table).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ConfigError
@@ -75,26 +74,3 @@ def text_view(spec: BackboneSpec, task: TaskData, who: str) -> str:
         raise ConfigError(f"method.view: {v!r} is not a text view of task {task.name} "
                           f"(allowed: {', '.join(task.texts)})")
     return v
-
-
-def backbone_fingerprint(modality: str, encoder: str, image_spec: Callable[[], Any]) -> str:
-    """Hash of the backbone weights a config may read (for teacher fingerprints): the text encoder's files
-    and/or the image backbone's weights file (`image_spec()` gives its BackboneSpec)."""
-    from fmtransfer.utils import stable_hash
-
-    parts = []
-    if modality in ("auto", "text"):
-        try:
-            from fmtransfer.backbones.text import encoder_fingerprint
-
-            parts.append(encoder_fingerprint(encoder))
-        except Exception:  # an absent backbone cannot have been read
-            parts.append("no-text-encoder")
-    if modality in ("auto", "image"):
-        try:
-            from fmtransfer.backbones.image import weights_hash
-
-            parts.append(weights_hash(image_spec()))
-        except Exception:  # an absent backbone cannot have been read
-            parts.append("no-image-backbone")
-    return stable_hash(parts)

@@ -56,7 +56,7 @@ class FMFinetuneConfig(MethodConfig):
     freeze_bn: bool = True
     """Image: BatchNorm layers stay in eval mode (the ImageNet running statistics; their affine weights still
     train). Then the features a probe head was fitted on are the ones fine-tuning starts from (with batch
-    statistics a fitted probe head collapses in the first epoch: docs/backbones.md)."""
+    statistics a fitted probe head collapses in the first epoch: docs/finetuning.md)."""
     bn_momentum: float | None = 0.1
     """Image, with `freeze_bn: false`: BatchNorm running-statistics momentum while fine-tuning (null: the
     backbone's own 0.01, which lags far behind weights that change over a short budget)."""
@@ -86,8 +86,8 @@ class ProbeStageConfig(FMFinetuneConfig):
     probe_solver: Literal["lbfgs", "adamw"] = "lbfgs"
     """lbfgs: for each `probe_l2`, L-BFGS to convergence on loss + l2 * ||W||^2; the strength with the best
     validation score is kept (the usual linear-probe protocol). adamw: `probe_steps` AdamW steps at
-    `probe_lr`, the head read every `probe_eval_every` steps (unregularised heads overfit few labels: on
-    reviews, 250 labels, it stayed below the majority class on validation)."""
+    `probe_lr`, the head read every `probe_eval_every` steps (unregularised heads overfit few labels:
+    docs/finetuning.md)."""
     probe_l2: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0])
     probe_steps: int = 300
     """adamw: optimizer steps; lbfgs: the most L-BFGS iterations per strength."""

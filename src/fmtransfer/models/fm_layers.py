@@ -33,7 +33,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from fmtransfer.backbones.spec import BackboneSpec, backbone_fingerprint, resolve_modality, text_view
+from fmtransfer.backbones.files import backbone_fingerprint
+from fmtransfer.backbones.spec import BackboneSpec, resolve_modality, text_view
 from fmtransfer.config import MethodConfig
 from fmtransfer.data.base import TaskData, image_view
 from fmtransfer.errors import ConfigError

@@ -18,48 +18,39 @@ from typing import Any
 import torch
 from torch import nn
 
-from fmtransfer.backbones.capture import LayerCapture, transformer_layer_paths
-from fmtransfer.backbones.text import encoder_fingerprint, load_encoder, resolve_encoder_path
+from fmtransfer.backbones.spec import BackboneSpec
+from fmtransfer.backbones.text import TextBackbone, encoder_fingerprint, load_encoder, resolve_encoder_path
 from fmtransfer.models.fm_heads import FMModel
 from fmtransfer.preprocess import TEXT_VIEW as TEXT_KEY
 
 
 class TextTaps(nn.Module):
     """Texts -> the encoder, cut at the deepest tap (later layers and the pooler never run) -> mean-pooled
-    states at the tapped layers. The weights are the package's (frozen) unless a state dict replaces them
-    (LEVI with `tune_backbone` / `lora`: the trained, merged backbone ships in the export)."""
+    states at the tapped layers, through `backbones.text.TextBackbone`. The weights are the package's
+    (frozen) unless a state dict replaces them (LEVI with `tune_backbone` / `lora`: the trained, merged
+    backbone ships in the export)."""
 
     def __init__(self, encoder: str, paths: list[str], max_length: int, normalize: bool, chunk: int = 64) -> None:
         super().__init__()
-        self.tok, net = load_encoder(encoder)
-        layers = transformer_layer_paths(net)
-        deepest = max(layers.index(p) for p in paths) + 1
-        stack = net.get_submodule(layers[0].rsplit(".", 1)[0])
-        parent, _, attr = layers[0].rsplit(".", 1)[0].rpartition(".")
-        setattr(net.get_submodule(parent) if parent else net, attr, nn.ModuleList(list(stack)[:deepest]))
-        if getattr(net, "pooler", None) is not None:
-            net.pooler = None
-        self.net = net.eval().requires_grad_(False)
+        self._spec = BackboneSpec(modality="text", encoder=encoder, max_length=max_length, l2_normalize=normalize,
+                                  batch_size=chunk)
+        fm = TextBackbone(self._spec)
+        layers = fm.layer_paths
+        fm.cut(max(layers.index(p) for p in paths) + 1)
+        self.tok, self.net = fm.tok, fm.net.eval().requires_grad_(False)
         self.paths, self.max_length, self.normalize, self.chunk = list(paths), max_length, normalize, chunk
 
+    @property
+    def fm(self) -> TextBackbone:
+        return TextBackbone(self._spec, self.tok, self.net)
+
     def forward(self, texts: list[str]) -> list[torch.Tensor]:
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths per call: little padding
-        parts: list[list[torch.Tensor]] = []
-        for s in range(0, len(order), self.chunk):
-            enc = tokenize(self.tok, [texts[i] for i in order[s:s + self.chunk]], self.max_length, "pt")
-            parts.append(self.tokens(enc["input_ids"], enc["attention_mask"]))
-        if not parts:
-            return [torch.zeros(0, int(self.net.config.hidden_size)) for _ in self.paths]
-        inverse = torch.empty(len(order), dtype=torch.long)
-        inverse[torch.tensor(order)] = torch.arange(len(order))
-        return [torch.cat(f)[inverse] for f in zip(*parts, strict=True)]
+        # similar lengths per call: little padding
+        return self.fm.encode(texts, self.paths, chunk=self.chunk, order="shortest")
 
     def tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
         """Token ids -> pooled states at the tapped layers (the part of the path a graph file holds)."""
-        with LayerCapture(self.net, self.paths) as cap:
-            self.net(input_ids=input_ids, attention_mask=attention_mask)
-        out = list(cap.pooled("mean", attention_mask).values())
-        return [nn.functional.normalize(o, dim=-1) if self.normalize else o for o in out]
+        return self.fm.pooled({"input_ids": input_ids, "attention_mask": attention_mask}, self.paths)
 
 
 def tokenize(tok: Any, texts: list[str], max_length: int, tensors: str) -> Any:
@@ -107,6 +98,8 @@ class ServedTextFinetune(nn.Module):
 
     def __init__(self, encoder: str, max_length: int, task_type: str, out_dim: int, chunk: int = 64) -> None:
         super().__init__()
+        self._spec = BackboneSpec(modality="text", encoder=encoder, max_length=max_length, l2_normalize=False,
+                                  batch_size=chunk)
         self.tok, self.encoder = load_encoder(encoder)  # the architecture; the fine-tuned weights load after
         dim = int(self.encoder.config.hidden_size)
         self.register_buffer("mu", torch.zeros(dim))
@@ -116,18 +109,12 @@ class ServedTextFinetune(nn.Module):
         self.max_length, self.task_type, self.chunk = max_length, task_type, chunk
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        from fmtransfer.backbones.text import mean_pool
-
+        fm = TextBackbone(self._spec, self.tok, self.encoder)
         if TEXT_KEY not in batch:  # a graph file's call: token ids already in the batch
-            ids, mask = batch["input_ids"], batch["attention_mask"]
-            pooled = [mean_pool(self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask).float()]
-        else:
-            texts, pooled = list(batch[TEXT_KEY]), []
-            for s in range(0, len(texts), self.chunk):
-                enc = tokenize(self.tok, texts[s:s + self.chunk], self.max_length, "pt")
-                pooled.append(mean_pool(self.encoder(**enc).last_hidden_state, enc["attention_mask"]).float())
-        z = (torch.cat(pooled) - self.mu) / self.sd if pooled else torch.zeros(0, len(self.mu))
-        out = self.out(self.drop(z))
+            z = fm.pooled({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})[0]
+        else:  # chunks in the request's order
+            z = fm.encode(list(batch[TEXT_KEY]), chunk=self.chunk, order="given")[0]
+        out = self.out(self.drop((z - self.mu) / self.sd))
         return out.squeeze(-1) if self.task_type == "regression" else out
 
 

@@ -24,7 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fmtransfer.backbones.text import TextBackbone, load_encoder, resolve_encoder_path
+from fmtransfer.backbones.files import encoder_files
+from fmtransfer.backbones.text import TextBackbone, load_encoder
 from fmtransfer.config import RunConfig
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ArtifactError
@@ -78,23 +79,13 @@ class LiveSpec:
     """Artifact keys the live path replaces (cached backbone outputs); ignored when loading."""
 
 
-def _encoder_bytes(folder: Path) -> dict[str, int]:
-    """Bytes of what a server loads from the encoder folder: the weights, then tokenizer and config files."""
-    weights = [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else list(folder.glob("*.bin"))
-    small = [f for f in folder.iterdir() if f.is_file() and (f.name.startswith("tokenizer") or f.suffix == ".model"
-                                                             or f.name in ("vocab.txt", "merges.txt", "config.json",
-                                                                           "special_tokens_map.json"))]
-    return {"encoder weights": sum(f.stat().st_size for f in weights),
-            "tokenizer + config": sum(f.stat().st_size for f in small)}
-
-
 def _text_live(cfg: TextTeacherConfig, task: TaskData) -> LiveSpec:
     views = {v: task.texts[v].index for v in (cfg.views or list(task.texts))}
     tokenizer, encoder = load_encoder(cfg.encoder)
     sub = getattr(cfg, "features", None)
     features = MODELS.get(sub.name).impl(sub, task) if sub is not None else None
     return LiveSpec(LiveTextModel(cfg, task, views, tokenizer, encoder, features), backbone=cfg.encoder,
-                    backbone_files=_encoder_bytes(Path(resolve_encoder_path(cfg.encoder))))
+                    backbone_files=encoder_files(cfg.encoder))
 
 
 LIVE_BUILDERS: dict[str, Callable[[Any, TaskData], LiveSpec]] = {"probe": _text_live, "hybrid": _text_live}

@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from fmtransfer.backbones.spec import backbone_fingerprint
+from fmtransfer.backbones.files import backbone_fingerprint
 from fmtransfer.config import ModelConfig, TeacherConfig
 from fmtransfer.data.base import TaskData
 from fmtransfer.methods.base import Method

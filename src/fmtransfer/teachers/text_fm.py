@@ -1,8 +1,8 @@
 """Foundation-model teachers that read text: `probe`, `hybrid` and `finetune` recipes.
 
 - `probe`: a head on the frozen encoder; each text is embedded once (cached on disk) and reused.
-- `hybrid`: the frozen text embeddings joined with the application's own ID/feature tower; on
-  movielens this is the adaptation that makes the FM beat the ID student (DESIGN.md section 2).
+- `hybrid`: the frozen text embeddings joined with the application's own ID/feature tower (what it
+  gains on movielens: DESIGN.md section 2).
 - `finetune`: the encoder's top N transformer layers (or all) train with the head; texts are
   tokenized once, and each step encodes only the distinct texts of the batch.
 
