@@ -58,13 +58,14 @@ def _model_config_class(cfg: Any) -> type:
 
 def build_own_model(run: Any, task: TaskData) -> nn.Module:
     """The method's shipped model, rebuilt the training way, with the run's weights (strict)."""
-    from fmtransfer.models.fm_finetune import ImageFinetuneModel, TextFinetuneModel
+    from fmtransfer.models.fm_finetune import TextFinetuneModel
     from fmtransfer.models.fm_heads import FMModel
+    from fmtransfer.models.image_heads import FinetuneImageModel
     from fmtransfer.registry import METHODS
 
     name = run.cfg.method.name
     model = METHODS.get(name).impl.build_model(run.cfg.method, run.cfg, task, torch.device("cpu"))
-    if isinstance(model, (TextFinetuneModel, ImageFinetuneModel)):
+    if isinstance(model, (TextFinetuneModel, FinetuneImageModel)):
         return _load(model, run, name)
     if not isinstance(model, FMModel):
         raise ExportError(f"method {name}: its model ({type(model).__name__}) has no export path (served: the "

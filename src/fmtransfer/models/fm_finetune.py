@@ -190,12 +190,6 @@ class TextFinetuneModel(TaskModel):
         return squeeze_regression(self.out(self.drop(z)), self.task_type)
 
 
-# ---------------------------------------------------------------------------------------------- image
-
-ImageFinetuneModel = FinetuneImageModel
-"""The fine-tuning baselines' image model is the `image_finetune` teacher's (one class; the old name stays)."""
-
-
 # --------------------------------------------------------------------------------------------- builders
 
 

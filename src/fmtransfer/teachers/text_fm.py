@@ -203,7 +203,7 @@ class Hybrid(Probe):
         return TeacherBuild(model, frozen_params=encoder_param_count(cfg.encoder), encoder_forwards=ran)
 
 
-class FinetuneTextModel(TextHeadModel):
+class TrainableTextModel(TextHeadModel):
     """The encoder itself trains (top layers or all); in eval mode whole-view embeddings are cached (and
     forgotten at every train()/eval() switch). Each view is a `TokenizedTexts` over the one encoder."""
 
@@ -227,7 +227,7 @@ class FinetuneTextModel(TextHeadModel):
         """The forward pass over `self.encoder` as it is now."""
         return TextBackbone(self._spec, self._tok, self.encoder)
 
-    def train(self, mode: bool = True) -> FinetuneTextModel:
+    def train(self, mode: bool = True) -> TrainableTextModel:
         for rows in self.rows.values():  # weights change in training: forget encoded texts
             rows.clear()  # type: ignore[operator]
         return super().train(mode)
@@ -257,7 +257,7 @@ class Finetune(Probe):
         views = _views(cfg, task)
         tok, encoder = load_encoder(cfg.encoder)
         features = MODELS.get(cfg.features.name).impl(cfg.features, task) if cfg.features is not None else None
-        return TeacherBuild(FinetuneTextModel(cfg, task, views, tok, encoder, features))
+        return TeacherBuild(TrainableTextModel(cfg, task, views, tok, encoder, features))
 
 
 RECIPES.register("probe", TextTeacherConfig, Probe)
