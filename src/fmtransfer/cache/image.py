@@ -7,7 +7,6 @@ sharded feature store lacks.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -54,10 +53,8 @@ def cached_backbone_outputs(spec: BackboneSpec, task: TaskData, cache_dir: str |
     pre = Preprocess.of(spec)
     net: nn.Module | None = None
     root = Path(cache_dir) / "features"
-    manifest = root / key / "manifest.json"
-    if manifest.exists():
-        shape = tuple(json.loads(manifest.read_text())["store"]["fields"]["features"]["shape"])
-    else:  # one image through the backbone tells the stored shape; the same loaded net fills the store
+    shape = FeatureStore.stored_shape(root, key, "features")
+    if shape is None:  # one image through the backbone tells the stored shape; the same loaded net fills the store
         net = load_backbone(spec)
         shape = tuple(backbone_outputs(net, pre, images[:1], stop, pool, 1, device).shape[1:])
 

@@ -1,4 +1,4 @@
-"""Teacher-output store: sharded .npy files + a JSON manifest, built once, read by memory map.
+"""Feature store (frozen backbones' outputs): sharded .npy files + a JSON manifest, built once, read by memory map.
 
 Layout of one entry (a folder named by its key):
 
@@ -80,6 +80,16 @@ class FeatureStore:
     def _expected(self) -> dict[str, Any]:
         return {"version": STORE_VERSION, "key": self.key, "rows": self.rows, "shard_rows": self.shard_rows,
                 "fields": {n: {"shape": list(s.shape), "dtype": s.dtype} for n, s in self.fields.items()}}
+
+    @staticmethod
+    def stored_shape(root: str | Path, key: str, name: str) -> tuple[int, ...] | None:
+        """The per-row shape of field `name` in entry `key` as its manifest records it (None: no manifest yet),
+        so a producer need not run once to learn the shape of what is already stored."""
+        try:
+            manifest = json.loads((Path(root) / key / "manifest.json").read_text())
+            return tuple(manifest["store"]["fields"][name]["shape"])
+        except (OSError, json.JSONDecodeError, KeyError):
+            return None
 
     # ------------------------------------------------------------------------------------------- state
 
