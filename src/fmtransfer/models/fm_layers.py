@@ -34,12 +34,10 @@ import torch
 from torch import nn
 
 from fmtransfer.backbones.files import backbone_fingerprint
-from fmtransfer.backbones.spec import BackboneSpec, resolve_modality, text_view
+from fmtransfer.backbones.spec import BackboneSpec, Modality, resolve_modality, text_view
 from fmtransfer.config import MethodConfig
 from fmtransfer.data.base import TaskData, image_view
 from fmtransfer.errors import ConfigError
-
-Modality = Literal["auto", "text", "image"]
 
 
 @dataclass
@@ -113,7 +111,6 @@ class FMLayersConfig(MethodConfig):
             raise ConfigError(f"method.layers: fractions of depth must be in (0, 1], got {self.layers}")
         if self.layer_ids is not None and (not self.layer_ids or min(self.layer_ids) < 1):
             raise ConfigError(f"method.layer_ids: 1-based layer numbers, got {self.layer_ids}")
-
 
     def backbone_spec(self) -> BackboneSpec:
         """These keys under the backbone's one name for each (`image_normalize` -> pixel_normalize,
