@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from fmtransfer.catalog import config_classes, markdown_table
 from fmtransfer.cli import main
 from fmtransfer.config import load_config
 from fmtransfer.errors import ConfigError, DataError
-from fmtransfer.ranges import config_classes, markdown_table, numeric_fields_without_range, range_for
+from fmtransfer.ranges import numeric_fields_without_range, range_for
 from tests.conftest import REPO, TINY
 from tests.fuzz_configs import fuzz_cases
 
@@ -34,7 +35,7 @@ def test_every_numeric_option_has_a_range_that_holds_its_default() -> None:
 
 def test_the_docs_list_every_range() -> None:
     doc = (REPO / "docs" / "reliability.md").read_text()
-    assert markdown_table() in doc, "regenerate the table: python -c 'from fmtransfer.ranges import *; " \
+    assert markdown_table() in doc, "regenerate the table: python -c 'from fmtransfer.catalog import *; " \
                                     "print(markdown_table())'"
 
 
