@@ -313,6 +313,13 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+def run_config_hash(cfg: RunConfig) -> str:
+    """The resolved config's hash: checkpoint.pt and metrics.json carry it, and a resume must match it."""
+    from fmtransfer.utils import stable_hash
+
+    return stable_hash(to_dict(cfg))
+
+
 # -------------------------------------------------------------------------------------------- overrides
 
 
