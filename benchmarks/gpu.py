@@ -40,7 +40,7 @@ from fmtransfer.cache.text import TextEncoderCache
 from fmtransfer.config import RunConfig
 from fmtransfer.data.base import TaskData
 from fmtransfer.registry import METHODS, MODELS
-from fmtransfer.run import JsonlLog, build_task, prepare_teachers
+from fmtransfer.runner import JsonlLog, build_task, prepare_teachers
 from fmtransfer.train.distributed import DistContext
 from fmtransfer.train.loop import fit
 

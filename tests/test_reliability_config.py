@@ -107,12 +107,12 @@ def test_cli_nan_loss_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureF
 
 def test_cli_bug_is_one_line_with_a_log_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    import fmtransfer.run
+    import fmtransfer.runner
 
     def broken(*args: object, **kwargs: object) -> None:
         return {}["no such key"]  # a genuine bug inside the library
 
-    monkeypatch.setattr(fmtransfer.run, "run_experiment", broken)
+    monkeypatch.setattr(fmtransfer.runner, "run_experiment", broken)
     argv = ["run", str(TINY), "--out", str(tmp_path / "r")]
     assert main(argv) == 1
     err = capsys.readouterr().err

@@ -82,8 +82,8 @@ def suite_configs(path: str | Path, seeds: list[int],
 
 def run_bench(suite: str | Path, seeds: int, out_dir: str | Path, overrides: list[str] | None = None) -> str:
     """Run the suite, write OUT/results.json and OUT/results.md, and return the markdown table."""
-    from fmtransfer.run import run_experiment
     from fmtransfer.runfiles import format_summary
+    from fmtransfer.runner import run_experiment
 
     out = Path(out_dir)
     name, suite_runs = load_suite(suite)

@@ -121,7 +121,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     from fmtransfer.config import load_config
 
     if args.cmd == "run":
-        from fmtransfer.run import run_experiment
+        from fmtransfer.runner import run_experiment
 
         cfg = load_config(args.config, args.overrides)
         run_experiment(cfg, args.out, resume=args.resume)
@@ -135,7 +135,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"wrote {Path(args.out) / 'results.md'}, results.json{plot}")
         return 0
     if args.cmd == "cache":
-        from fmtransfer.run import cache_teachers
+        from fmtransfer.runner import cache_teachers
 
         cache_teachers(load_config(args.config, args.overrides), args.teacher)
         _exit_worker(0)

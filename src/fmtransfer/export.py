@@ -177,7 +177,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, formats: str | Sequence
 
     `task` saves rebuilding the run's task when the caller already has it (serve-bench).
     """
-    from fmtransfer.run import build_task
+    from fmtransfer.runner import build_task
 
     fmts = parse_formats(formats)
     run = open_finished_run(run_dir)

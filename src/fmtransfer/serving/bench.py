@@ -148,7 +148,7 @@ def serve_bench(run_dir: str | Path, export_dir: str | Path | None = None, cache
 def _serve_bench(run_dir: str | Path, export_dir: str | Path | None, cache_dir: str | Path | None, requests: int,
                  fm_requests: int, batch_size: int, batches: int, fm_batches: int, threads: int,
                  seed: int) -> dict[str, Any]:
-    from fmtransfer.run import build_task
+    from fmtransfer.runner import build_task
 
     machine = _machine(threads)
     run = open_finished_run(run_dir)

@@ -3,6 +3,9 @@
 DIR/config.yaml (resolved), DIR/log.jsonl, DIR/checkpoint.pt (every epoch), DIR/student.safetensors
 (the student alone, best validation epoch), DIR/preprocessing.json (the task's fitted encoders, where it
 records them) and DIR/metrics.json (written last: its presence means the run finished).
+
+The module is runner.py, not run.py: a submodule named `run`, once imported, would replace the package's
+`fmtransfer.run` function (the Python API's `ft.run(...)`).
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ import json
 import os
 import sys
 import time
-import types
 import warnings
 from pathlib import Path
 from typing import Any
@@ -296,16 +298,3 @@ def _metrics(cfg: RunConfig, task: TaskData, teachers: dict[str, PreparedTeacher
         "labels": {"train": len(task.splits["train"]), "transfer": len(task.splits.get("transfer", []))},
         "world_size": ctx.world,
     }
-
-
-class _RunModule(types.ModuleType):
-    """`fmtransfer.run` is this module and, called, the Python API's `ft.run(...)` (fmtransfer.api.run): the
-    package exports a function `run`, and importing this submodule rebinds that name to the module."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from fmtransfer.api import run
-
-        return run(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _RunModule
