@@ -35,7 +35,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch
 
-from fmtransfer.bench import suite_configs
+from fmtransfer.benchmarking.suite import suite_configs
 from fmtransfer.cache.text import TextEncoderCache
 from fmtransfer.config import RunConfig
 from fmtransfer.data.base import TaskData

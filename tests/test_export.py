@@ -258,8 +258,8 @@ def test_loader_refuses_altered_files_and_bad_requests(exports: dict[str, Path],
 
 
 def test_live_fm_path_reproduces_the_teacher_and_serve_bench_reports(tiny_bert: str, tmp_path: Path) -> None:
+    from fmtransfer.benchmarking.serve import format_bench, serve_bench
     from fmtransfer.runner import run_experiment
-    from fmtransfer.serving.bench import format_bench, serve_bench
 
     cfg = load_config(TINY, [f"cache_dir={tmp_path / 'cache'}", f"teachers.fm={{recipe: hybrid, encoder: {tiny_bert}}}",
                              "teachers.fm.features={name: mlp, hidden: [8]}", "teachers.fm.proj_dim=8",
