@@ -16,6 +16,7 @@ SRC = REPO / "src"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("errors", "utils", "locks", "integrity", "registry", "evaluate", "plots", "failures", "preprocess",
               "ranges", "config_checks", "config", "runfiles")),
+    ("task record", ("data.base",)),
     ("backbones", ("backbones",)),
     ("cache", ("cache",)),
     ("data", ("data",)),
