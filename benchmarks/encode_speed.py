@@ -31,7 +31,7 @@ from fmtransfer.backbones.text import mean_pool
 from fmtransfer.cache.image import cached_backbone_outputs
 from fmtransfer.cache.text import TextEncoderCache
 from fmtransfer.config import load_config
-from fmtransfer.run import build_task
+from fmtransfer.runner import build_task
 
 REPO = Path(__file__).resolve().parents[1]
 

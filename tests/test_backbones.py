@@ -109,7 +109,7 @@ def test_image_backbone_intermediates_equal_the_whole_net_run_to_each_block() ->
 @needs_effnet
 def test_image_normalize_reaches_levis_image_features(tmp_path: Path) -> None:
     from fmtransfer.models.fm_layers import image_features
-    from fmtransfer.run import build_task
+    from fmtransfer.runner import build_task
 
     raw = {"task": {"name": "digits", "subsample": 60, "labels": 20, "rotations": [], "sklearn_digits": False}}
     task = build_task(load_config(raw=raw))
