@@ -29,16 +29,11 @@ from fmtransfer.backbones.text import TextBackbone, load_encoder
 from fmtransfer.config import RunConfig
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ArtifactError
+from fmtransfer.failures import one_line
 from fmtransfer.integrity import verify_folder
 from fmtransfer.registry import MODELS, RECIPES
 from fmtransfer.teachers.base import teacher_fingerprint
 from fmtransfer.teachers.text_fm import TextHeadModel, TextTeacherConfig
-
-
-def one_line(e: BaseException, limit: int = 200) -> str:
-    """An exception's message on one line, cut to `limit` characters (for one-line user errors)."""
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class LiveTextModel(TextHeadModel):
