@@ -24,12 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from fmtransfer.benchmarking.fm_path import FmPath, build_fm_path, pick_fm_teacher
 from fmtransfer.data.base import TaskData
-from fmtransfer.errors import ArtifactError
 from fmtransfer.export import FinishedRun, export_run, open_finished_run
 from fmtransfer.serving.loader import Predictor, load_predictor
 from fmtransfer.serving.manifest import FORMATS, ExportError, read_manifest, sha256_file
-from fmtransfer.teachers.live import FmPath, build_fm_path, pick_fm_teacher
 
 Request = dict[str, np.ndarray]
 LABELS = {"safetensors": "PyTorch", "torchscript": "TorchScript", "onnx": "onnxruntime"}
@@ -181,7 +180,7 @@ def _serve_bench(run_dir: str | Path, export_dir: str | Path | None, cache_dir: 
         else:
             try:
                 fm = build_fm_path(run.cfg, run.metrics, task, fm_name, cache_dir)
-            except (ExportError, ArtifactError) as e:
+            except ExportError as e:
                 fm_note = f"FM path not measured: {e}"
             else:
                 fm_reqs = [_fm_take(task, req_rows[i:i + 1]) for i in range(fm_requests)]
