@@ -250,7 +250,7 @@ def test_pre_teacher_signal_lets_the_gate_trust_the_complementary_teacher_where_
 
 def test_per_teacher_temperature_and_foundation_warmup_golden() -> None:
     """kd = mean over rows of sum_k w_k KD_k at each teacher's own T; the warm-up zeroes the FM's weight."""
-    from fmtransfer.methods.ca_mkd import per_row_kd
+    from fmtransfer.methods.losses import per_row_kd
     method, batch = _strong_method("importance: equal, filter: false, teacher_temperature: {fm: 1.0}, "
                                    "foundation_warmup_steps: 4")
     method.train()

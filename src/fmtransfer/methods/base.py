@@ -75,3 +75,15 @@ def pick_teacher(name: str | None, available: list[str], method: str) -> str:
         raise ConfigError(f"method.teacher: {name!r} is not a configured teacher{did_you_mean(name, available)} "
                           f"(allowed: {', '.join(available)})")
     return name
+
+
+def committee(names: list[str] | None, available: list[str], method: str) -> list[str]:
+    """Resolve a method's `teachers` option (a list of configured teacher names, or null = all of them)."""
+    if not available:
+        raise ConfigError(f"method {method} needs teachers; add them under `teachers:`")
+    chosen = names or available
+    unknown = [n for n in chosen if n not in available]
+    if unknown:
+        raise ConfigError(f"method.teachers: {unknown[0]!r} is not a configured teacher"
+                          f"{did_you_mean(unknown[0], available)} (allowed: {', '.join(available)})")
+    return list(dict.fromkeys(chosen))

@@ -55,10 +55,8 @@ from torch import nn
 from fmtransfer.config import MethodConfig
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ConfigError
-from fmtransfer.methods.base import Method
-from fmtransfer.methods.ca_mkd import per_row_kd
-from fmtransfer.methods.losses import per_row_task_loss
-from fmtransfer.methods.multi_kd import committee
+from fmtransfer.methods.base import Method, committee
+from fmtransfer.methods.losses import per_row_kd, per_row_task_loss
 from fmtransfer.models.base import TaskModel, mlp
 from fmtransfer.plots import lines, stacked_bars
 from fmtransfer.ranges import at_least

@@ -16,7 +16,7 @@ import torch
 
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ConfigError
-from fmtransfer.methods.linear_probe import FMMethod, FMModel
+from fmtransfer.methods.fm_base import FMMethod, FMModel
 from fmtransfer.methods.losses import masked_task_loss
 from fmtransfer.models.fm_heads import EnsembleConfig, EnsembleModel
 from fmtransfer.models.fm_layers import FMFeatures, TappedFeatures

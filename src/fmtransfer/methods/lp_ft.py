@@ -15,23 +15,15 @@ from typing import Any
 import torch
 
 from fmtransfer.data.base import TaskData
-from fmtransfer.methods.finetune import FMFinetuneMethod
+from fmtransfer.methods.finetune_base import FMFinetuneMethod, build_probed_model
 from fmtransfer.models.base import TaskModel
-from fmtransfer.models.fm_finetune import ProbeStageConfig, build_fm_model, fit_probe_head
+from fmtransfer.models.fm_finetune import ProbeStageConfig
 from fmtransfer.registry import METHODS
 
 
 @dataclass
 class LPFTConfig(ProbeStageConfig):
     name: str = "lp_ft"
-
-
-def build_probed_model(cfg: ProbeStageConfig, run_cfg: Any, task: TaskData, device: torch.device) -> TaskModel:
-    """The backbone with its linear head trained on the frozen features (stage 1); `build_info` says how."""
-    model = build_fm_model(cfg, task, device)
-    info = fit_probe_head(model, task, cfg, device, seed=int(run_cfg.seed))
-    model.build_info = info  # type: ignore[attr-defined]  # read by FMFinetuneMethod into its diagnostics
-    return model
 
 
 class LPFT(FMFinetuneMethod):

@@ -28,8 +28,7 @@ from torch import nn
 
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ConfigError
-from fmtransfer.methods.finetune import FMFinetuneMethod
-from fmtransfer.methods.lp_ft import build_probed_model
+from fmtransfer.methods.finetune_base import FMFinetuneMethod, build_probed_model
 from fmtransfer.models.base import TaskModel
 from fmtransfer.models.fm_finetune import ProbeStageConfig
 from fmtransfer.registry import METHODS

@@ -25,8 +25,9 @@ import torch
 
 from fmtransfer.config import ModelConfig, TeacherConfig
 from fmtransfer.data.base import TaskData
+from fmtransfer.methods.fm_base import FMMethod
 from fmtransfer.methods.levi import LEVI, LEVIConfig
-from fmtransfer.methods.linear_probe import FMMethod, LinearProbe, ProbeConfig
+from fmtransfer.methods.linear_probe import LinearProbe, ProbeConfig
 from fmtransfer.methods.mlp_probe import MLPProbe, MLPProbeConfig
 from fmtransfer.models.base import TaskModel
 from fmtransfer.models.fm_layers import build_taps, fm_fingerprint

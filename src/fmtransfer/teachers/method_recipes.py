@@ -31,7 +31,7 @@ from fmtransfer.config import ModelConfig, TeacherConfig
 from fmtransfer.data.base import TaskData
 from fmtransfer.methods.base import Method
 from fmtransfer.methods.ensemble import Ensemble, EnsembleConfig
-from fmtransfer.methods.finetune import FinetuneConfig, FMFinetuneMethod
+from fmtransfer.methods.finetune import Finetune, FinetuneConfig
 from fmtransfer.methods.lora import Lora, LoraMethodConfig
 from fmtransfer.methods.lp_ft import LPFT, LPFTConfig
 from fmtransfer.methods.wise_ft import WiseFT, WiseFTConfig
@@ -129,7 +129,7 @@ class LoraTeacherConfig(TeacherConfig):
 
 
 RECIPES.register("ensemble", EnsembleTeacherConfig, _recipe(Ensemble))
-RECIPES.register("finetune_full", FinetuneFullTeacherConfig, _recipe(FMFinetuneMethod))
+RECIPES.register("finetune_full", FinetuneFullTeacherConfig, _recipe(Finetune))
 RECIPES.register("lp_ft", LPFTTeacherConfig, _recipe(LPFT))
 RECIPES.register("wise_ft", WiseFTTeacherConfig, _recipe(WiseFT))
 RECIPES.register("lora", LoraTeacherConfig, _recipe(Lora))
