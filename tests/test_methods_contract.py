@@ -9,12 +9,14 @@ import pytest
 import torch
 
 from fmtransfer.config import load_config
-from fmtransfer.registry import METHODS, MODELS
-from fmtransfer.run import build_task, prepare_teachers
+from fmtransfer.methods.base import build_method
+from fmtransfer.registry import METHODS
+from fmtransfer.run import build_context, build_task, prepare_teachers
 from fmtransfer.train.distributed import DistContext
 from fmtransfer.train.loop import make_batch
 from tests.conftest import TINY
 
+CPU = torch.device("cpu")
 SECOND_TEACHER = ["teachers.deep={recipe: supervised, model: {name: mlp, hidden: [32, 32]}, "
                   "train: {epochs: 2, batch_size: 32, steps_per_epoch: 5}}"]
 
@@ -41,9 +43,7 @@ def test_method_contract(name: str, setup, tiny_bert: str) -> None:  # type: ign
     needed = entry.impl.required_teachers(cfg.method, list(cfg.teachers))
     torch.manual_seed(0)
     # methods that train their own model around the FM (LEVI, probes, fine-tuning) build it themselves
-    student = entry.impl.build_model(cfg.method, cfg, task, torch.device("cpu")) or \
-        MODELS.get(cfg.student.name).impl(cfg.student, task)
-    method = entry.impl(cfg.method, student, task, {n: teachers[n] for n in needed})
+    method = build_method(cfg.method, task, {n: teachers[n] for n in needed}, build_context(cfg, task, CPU))
     outputs = {n: teachers[n].outputs for n in needed}
     reps = {n: teachers[n].reps for n in needed} if method.reads_reps else None
     rows = torch.cat([task.splits["train"][:8], task.splits["transfer"][:8]])

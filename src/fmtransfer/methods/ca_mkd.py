@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from fmtransfer.config import MethodConfig
 from fmtransfer.data.base import TaskData
-from fmtransfer.methods.base import Method, committee
+from fmtransfer.methods.base import Built, Method, committee
 from fmtransfer.methods.losses import masked_task_loss, per_row_kd
 from fmtransfer.models.base import TaskModel
 from fmtransfer.registry import METHODS
@@ -50,8 +50,9 @@ def teacher_weights(teachers: torch.Tensor, y: torch.Tensor, labeled: torch.Tens
 class CAMKD(Method):
     uses_transfer = True
 
-    def __init__(self, cfg: CAMKDConfig, student: TaskModel, task: TaskData, teachers: dict[str, Any]) -> None:
-        super().__init__(cfg, student, task, teachers)
+    def __init__(self, cfg: CAMKDConfig, student: TaskModel, task: TaskData, teachers: dict[str, Any],
+                 built: Built | None = None) -> None:
+        super().__init__(cfg, student, task, teachers, built)
         self.names = committee(cfg.teachers, list(teachers), "ca_mkd")
         self.c = cfg
 

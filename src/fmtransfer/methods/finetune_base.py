@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from fmtransfer.data.base import TaskData
-from fmtransfer.methods.base import Method
+from fmtransfer.methods.base import BuildContext, Built, Method
 from fmtransfer.methods.losses import masked_task_loss
 from fmtransfer.models.base import TaskModel
 from fmtransfer.models.fm_finetune import FMFinetuneConfig, ProbeStageConfig, build_fm_model, fit_probe_head
@@ -24,27 +24,25 @@ from fmtransfer.train.loop import predict_rows
 from fmtransfer.utils import count_params
 
 
-def build_probed_model(cfg: ProbeStageConfig, run_cfg: Any, task: TaskData, device: torch.device) -> TaskModel:
-    """The backbone with its linear head trained on the frozen features (stage 1); `build_info` says how."""
-    model = build_fm_model(cfg, task, device)
-    info = fit_probe_head(model, task, cfg, device, seed=int(run_cfg.seed))
-    model.build_info = info  # type: ignore[attr-defined]  # read by FMFinetuneMethod into its diagnostics
-    return model
+def build_probed_model(cfg: ProbeStageConfig, ctx: BuildContext, task: TaskData) -> Built:
+    """The backbone with its linear head trained on the frozen features (stage 1); `info` says how."""
+    model = build_fm_model(cfg, task, ctx.device)
+    return Built(model, info=fit_probe_head(model, task, cfg, ctx.device, seed=ctx.seed))
 
 
 class FMFinetuneMethod(Method):
     """Task loss on the labeled rows of the model `build_model` returns; timing and parameter diagnostics."""
 
-    def __init__(self, cfg: FMFinetuneConfig, student: TaskModel, task: TaskData, teachers: dict[str, Any]) -> None:
-        super().__init__(cfg, student, task, teachers)
-        self.build_info: dict[str, Any] = dict(getattr(student, "build_info", {}))
+    def __init__(self, cfg: FMFinetuneConfig, student: TaskModel, task: TaskData, teachers: dict[str, Any],
+                 built: Built | None = None) -> None:
+        super().__init__(cfg, student, task, teachers, built)
+        self.build_info: dict[str, Any] = dict(built.info) if built is not None else {}
         self._epoch_t0: float | None = None
         self.epoch_seconds: list[float] = []
 
     @classmethod
-    def build_model(cls, cfg: FMFinetuneConfig, run_cfg: Any, task: TaskData,  # type: ignore[override]
-                    device: torch.device) -> TaskModel | None:
-        return build_fm_model(cfg, task, device)
+    def build_model(cls, cfg: FMFinetuneConfig, ctx: BuildContext, task: TaskData) -> Built | None:  # type: ignore[override]
+        return Built(build_fm_model(cfg, task, ctx.device))
 
     def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.training and self._epoch_t0 is None:
@@ -53,11 +51,11 @@ class FMFinetuneMethod(Method):
         task = masked_task_loss(pred, batch["y"], batch["labeled"], self.task_type)
         return {"loss": task, "task": task.detach()}
 
-    def train(self, mode: bool = True) -> FMFinetuneMethod:
-        if not mode and self.training and self._epoch_t0 is not None:  # the loop validates: an epoch's steps ended
+    def on_epoch_end(self) -> None:
+        """The epoch's training seconds: from its first step to here, just before its validation."""
+        if self._epoch_t0 is not None:
             self.epoch_seconds.append(time.perf_counter() - self._epoch_t0)
             self._epoch_t0 = None
-        return super().train(mode)
 
     def diagnostics(self) -> dict[str, Any]:
         secs = self.epoch_seconds

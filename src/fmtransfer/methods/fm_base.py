@@ -14,9 +14,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from fmtransfer.config import ModelConfig
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ConfigError
-from fmtransfer.methods.base import Method
+from fmtransfer.methods.base import BuildContext, Built, Method
 from fmtransfer.methods.losses import masked_task_loss
 from fmtransfer.models.base import TaskModel
 from fmtransfer.models.fm_heads import FMModel
@@ -33,21 +34,24 @@ class FMMethod(Method):
 
     model_cls: ClassVar[type[FMModel]]
 
-    def __init__(self, cfg: FMLayersConfig, student: TaskModel, task: TaskData, teachers: dict[str, Any]) -> None:
+    def __init__(self, cfg: FMLayersConfig, student: TaskModel, task: TaskData, teachers: dict[str, Any],
+                 built: Built | None = None) -> None:
         if not isinstance(student, self.model_cls):
             raise ConfigError(f"method {cfg.name} trains its own model around the foundation model "
                               f"({self.model_cls.__name__}, from {type(self).__name__}.build_model); "
                               f"got a {type(student).__name__}")
-        super().__init__(cfg, student, task, teachers)
+        super().__init__(cfg, student, task, teachers, built)
         self.c = cfg
 
     @classmethod
-    def build_model(cls, cfg: Any, run_cfg: Any, task: TaskData, device: torch.device) -> TaskModel | None:
-        taps, fm = build_taps(cfg, task, run_cfg.cache_dir, device)
-        return cls.make_model(cfg, task, taps, fm, run_cfg)
+    def build_model(cls, cfg: Any, ctx: BuildContext, task: TaskData) -> Built | None:
+        taps, fm = build_taps(cfg, task, ctx.cache_dir, ctx.device)
+        return Built(cls.make_model(cfg, task, taps, fm, ctx.small))
 
     @classmethod
-    def make_model(cls, cfg: Any, task: TaskData, taps: TappedFeatures, fm: FMFeatures, run_cfg: Any) -> FMModel:
+    def make_model(cls, cfg: Any, task: TaskData, taps: TappedFeatures, fm: FMFeatures,
+                   small: ModelConfig | None) -> FMModel:
+        """The method's model on the tapped features; `small` is the small task model, for those that hold one."""
         return cls.model_cls(cfg, task, taps, fm)  # type: ignore[call-arg]
 
     def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -64,8 +64,9 @@ class LEVI(FMMethod):
     model_cls = LEVIModel
 
     @classmethod
-    def make_model(cls, cfg: Any, task: TaskData, taps: TappedFeatures, fm: FMFeatures, run_cfg: Any) -> FMModel:
-        return levi_model(cfg, task, taps, fm, getattr(run_cfg, "student", None))
+    def make_model(cls, cfg: Any, task: TaskData, taps: TappedFeatures, fm: FMFeatures,
+                   small: ModelConfig | None) -> FMModel:
+        return levi_model(cfg, task, taps, fm, small)
 
     def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         model: LEVIModel = self.student  # type: ignore[assignment]

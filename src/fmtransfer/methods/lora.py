@@ -12,14 +12,11 @@ counts them). peft is optional: `pip install 'peft==0.21.2' 'torch==2.13.0'`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-import torch
 
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ConfigError
+from fmtransfer.methods.base import BuildContext, Built
 from fmtransfer.methods.finetune_base import FMFinetuneMethod, build_probed_model
-from fmtransfer.models.base import TaskModel
 from fmtransfer.models.fm_finetune import ProbeStageConfig, build_fm_model, inject_lora
 from fmtransfer.registry import METHODS
 
@@ -43,12 +40,10 @@ class LoraMethodConfig(ProbeStageConfig):
 
 class Lora(FMFinetuneMethod):
     @classmethod
-    def build_model(cls, cfg: LoraMethodConfig, run_cfg: Any, task: TaskData,  # type: ignore[override]
-                    device: torch.device) -> TaskModel | None:
-        model = build_probed_model(cfg, run_cfg, task, device) if cfg.probe_init else build_fm_model(cfg, task, device)
-        adapted = inject_lora(model, cfg.rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
-        model.build_info = dict(getattr(model, "build_info", {}), lora_modules=adapted)  # type: ignore[attr-defined]
-        return model.to(device)
+    def build_model(cls, cfg: LoraMethodConfig, ctx: BuildContext, task: TaskData) -> Built | None:  # type: ignore[override]
+        built = build_probed_model(cfg, ctx, task) if cfg.probe_init else Built(build_fm_model(cfg, task, ctx.device))
+        adapted = inject_lora(built.model, cfg.rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
+        return Built(built.model.to(ctx.device), info={**built.info, "lora_modules": adapted})
 
 
 METHODS.register("lora", LoraMethodConfig, Lora)

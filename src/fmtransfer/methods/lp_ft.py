@@ -10,13 +10,10 @@ probe stage's seconds and validation score are reported in metrics.json["method_
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-import torch
 
 from fmtransfer.data.base import TaskData
+from fmtransfer.methods.base import BuildContext, Built
 from fmtransfer.methods.finetune_base import FMFinetuneMethod, build_probed_model
-from fmtransfer.models.base import TaskModel
 from fmtransfer.models.fm_finetune import ProbeStageConfig
 from fmtransfer.registry import METHODS
 
@@ -30,9 +27,8 @@ class LPFT(FMFinetuneMethod):
     """Fine-tuning from the probed head: the loop's objective is the plain task loss."""
 
     @classmethod
-    def build_model(cls, cfg: LPFTConfig, run_cfg: Any, task: TaskData,  # type: ignore[override]
-                    device: torch.device) -> TaskModel | None:
-        return build_probed_model(cfg, run_cfg, task, device)
+    def build_model(cls, cfg: LPFTConfig, ctx: BuildContext, task: TaskData) -> Built | None:  # type: ignore[override]
+        return build_probed_model(cfg, ctx, task)
 
 
 METHODS.register("lp_ft", LPFTConfig, LPFT)

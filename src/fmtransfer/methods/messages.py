@@ -171,8 +171,14 @@ class _Scaled(nn.Module):
 
 
 def scale_learning_rate(module: nn.Module, scale: float) -> None:
-    """Make `module`'s parameters train at `scale` times the loop's learning rate (the loop has one
-    optimizer and one learning rate; this reparametrises the weights instead)."""
+    """Make `module`'s parameters train at about `scale` times the loop's learning rate by reparametrising
+    them (w = scale * w'), for Talking's codec and trainable-teacher scales.
+
+    Methods declare per-parameter rates with `Method.lr_scales` (optimizer parameter groups); Talking keeps
+    this older form because the two are not the same optimizer: here AdamW's weight decay acts on w' (w decays
+    at lr * wd, not lr * scale * wd), Adam's eps is in effect eps / scale, the gradient-norm clip sees the
+    scaled gradients, and the state dict holds `parametrizations.<name>.original`. Moving it to parameter
+    groups changes the shipped `*-trainable-teacher` results (docs/talking.md)."""
     if scale == 1.0:
         return
     if scale <= 0:

@@ -14,7 +14,7 @@ import torch
 
 from fmtransfer.config import MethodConfig
 from fmtransfer.data.base import TaskData
-from fmtransfer.methods.base import Method, committee
+from fmtransfer.methods.base import Built, Method, committee
 from fmtransfer.methods.losses import distill_loss, masked_task_loss
 from fmtransfer.models.base import TaskModel
 from fmtransfer.registry import METHODS
@@ -33,8 +33,9 @@ class MultiKDConfig(MethodConfig):
 class MultiKD(Method):
     uses_transfer = True
 
-    def __init__(self, cfg: MultiKDConfig, student: TaskModel, task: TaskData, teachers: dict[str, Any]) -> None:
-        super().__init__(cfg, student, task, teachers)
+    def __init__(self, cfg: MultiKDConfig, student: TaskModel, task: TaskData, teachers: dict[str, Any],
+                 built: Built | None = None) -> None:
+        super().__init__(cfg, student, task, teachers, built)
         self.names = committee(cfg.teachers, list(teachers), "multi_kd")
         self.temperature, self.kd_weight, self.task_weight = cfg.temperature, cfg.kd_weight, cfg.task_weight
 
