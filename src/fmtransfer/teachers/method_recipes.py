@@ -38,7 +38,6 @@ import torch
 
 from fmtransfer.config import MethodConfig, ModelConfig, TeacherConfig
 from fmtransfer.data.base import TaskData
-from fmtransfer.errors import ConfigError
 from fmtransfer.methods.base import BuildContext, build_method
 from fmtransfer.methods.finetune import FinetuneConfig
 from fmtransfer.methods.lora import LoraMethodConfig
@@ -66,8 +65,8 @@ class MethodTeacherConfig(TeacherConfig):
     holds_small: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if self.small is not None and not self.holds_small:
-            raise ConfigError(f"small: recipe {self.recipe}'s method holds no small model; delete `small:`")
+        if self.small is not None and not self.holds_small:  # from_dict prefixes the teacher's path
+            raise ValueError(f"small: recipe {self.recipe}'s method holds no small model; delete `small:`")
 
 
 def finetune_fingerprint(cfg: FMFinetuneConfig) -> str:
