@@ -2,7 +2,7 @@
 
 Text (MiniLM): LoRA on the attention projections (`query`, `key`, `value` by default; `target_modules`
 picks others). Image (EfficientNet-Lite0, a CNN): peft's Conv2d LoRA applies to the 1x1 convolutions
-(pointwise expand/project of every MBConv block and the 1x1 head conv): 93% of the backbone's 3.37M weights;
+(pointwise expand/project of every MBConv block and the 1x1 head conv; docs/finetuning.md counts them);
 the 3x3/5x5 depthwise convs and the stem are not adapted (a ConfigError names a target that is one of them)
 and BatchNorm keeps its ImageNet statistics. Trainable: the adapters and the head (`trainable_params` in
 metrics.json["method_diagnostics"]). The adapters are not merged for inference (`inference_ms_per_example`

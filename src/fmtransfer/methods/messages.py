@@ -5,8 +5,7 @@ or `body`: the model's representation `body(batch)`, the input of its head. Stat
 (B, T, D) are mean-pooled and feature maps (B, C, H, W) averaged before they are encoded; a decoded
 message (B, D) is added to every token / position of the state it is injected into.
 
-Injection ADDS the decoded message to the module's output (a prototype that replaced the state made the
-interactive output worse).
+Injection ADDS the decoded message to the module's output (why not replace it: docs/talking.md).
 """
 
 from __future__ import annotations

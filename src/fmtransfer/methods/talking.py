@@ -14,8 +14,8 @@ Our reading (the paper's full text was unavailable; every choice is an option, s
          + w_state ||s_g[h_g] - sg(target)||^2   target = s_g[h_g] + D_g(r) ("injected") or D_g(r)
          + ramp * w_self KD(plain, sg(y~))          ramp: 0 -> 1 over self_warmup_steps
          + kd_weight KD(plain, cached teacher output)
-  The last three carry what the conversation found into the student's own weights (the plain path):
-  a prototype with the first four alone improved y~ a lot and the plain student barely.
+  The last three carry what the conversation found into the student's own weights (the plain path; why
+  they are needed: docs/talking.md).
 - predict() is the plain student alone: selected on validation, evaluated and exported. y~ (teacher in
   the loop) is reported beside it in metrics.json["method_diagnostics"]["interactive"].
 - `query_rows > 0`: synthetic unlabeled questions (a row with `query_mix` views from another row) whose
