@@ -77,3 +77,16 @@ def test_method_recipe_config_checks(tiny_bert: str) -> None:
         load_config(TINY, [f"teachers.fm={json.dumps({'recipe': 'lp_ft', 'method': {'rank': 2}})}"])
     cfg = load_config(TINY, [f"teachers.fm={json.dumps({'recipe': 'levi', 'small': small})}"])
     assert cfg.teachers["fm"].method.name == "levi" and cfg.teachers["fm"].small.name == "mlp"
+
+
+def test_method_recipe_configs_round_trip() -> None:
+    """A run folder's config.yaml (dump_config) loads back to the same teacher configs (export reads it)."""
+    import yaml
+
+    from fmtransfer.config import dump_config
+    from fmtransfer.teachers.method_recipes import METHOD_RECIPES
+
+    teachers = {f"t_{r}": {"recipe": r} for r in METHOD_RECIPES}
+    cfg = load_config(TINY, [f"teachers={json.dumps(teachers)}"])
+    again = load_config(raw=yaml.safe_load(dump_config(cfg)))
+    assert again.teachers == cfg.teachers

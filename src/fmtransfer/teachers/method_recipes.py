@@ -17,14 +17,15 @@ DiverseDistill, Talking Models) like any prepared teacher:
 - `linear_probe`: a linear head on the frozen FM's pooled features.
 - `mlp_probe`: an MLP on the frozen FM's tapped layers.
 - `ensemble`: the small model and a probe, trained side by side (`small` or method.small).
-- `finetune_full`: the `finetune` method (every weight, linear head on the pooled last layer); the name
-  `finetune` is the former name of the text recipe `text_finetune` (teachers/text_fm.py), still accepted.
+- `finetune_full`: the `finetune` method (every weight trains, a linear head on the pooled last layer).
 - `lp_ft`: linear probe, then full fine-tuning from it.
 - `wise_ft`: lp_ft's fine-tuning, then the best interpolation with the probe (needs train.patience: null).
 - `lora`: low-rank adapters on the frozen FM with a linear head.
 
-The teacher's `reps` are its model's body output. The fine-tuning recipes run the backbone live on every
-row once the teacher is trained (35k texts on reviews: minutes on a CPU).
+`finetune_full` is not called `finetune`: that is the former name of the text recipe `text_finetune`
+(teachers/text_fm.py), still accepted for it. The teacher's `reps` are its model's body output. The
+fine-tuning recipes run the backbone live on every row once the teacher is trained (35k texts on reviews:
+minutes on a CPU).
 """
 
 from __future__ import annotations
@@ -101,16 +102,15 @@ class MethodRecipe(Recipe):
 def method_teacher_config(recipe: str, method_cfg: type[MethodConfig], holds_small: bool) -> type:
     """The config class of recipe `recipe`: MethodTeacherConfig with its `method` section typed `method_cfg`.
 
-    A recipe whose method holds no small model leaves an unset `small` out of its fingerprint, as its
-    config had no such key before the recipes were merged (prepared teachers stay valid)."""
+    A recipe whose method holds no small model refuses a `small` and leaves the unset key out of its
+    fingerprint, as its config had no such key before the recipes were merged (prepared teachers stay valid)."""
     namespace: dict[str, Any] = {"__module__": __name__, "holds_small": holds_small}
     if not holds_small:
         namespace["fingerprint_optional"] = {"small": None}
-    return dataclasses.make_dataclass(
-        f"{method_cfg.__name__.removesuffix('Config')}TeacherConfig",
-        [("recipe", str, field(default=recipe)),
-         ("method", method_cfg, field(default_factory=method_cfg))],  # type: ignore[arg-type]
-        bases=(MethodTeacherConfig,), namespace=namespace)
+    fields: list[Any] = [("recipe", str, field(default=recipe)),
+                         ("method", method_cfg, field(default_factory=method_cfg))]
+    return dataclasses.make_dataclass(f"{method_cfg.__name__.removesuffix('Config')}TeacherConfig", fields,
+                                      bases=(MethodTeacherConfig,), namespace=namespace)
 
 
 METHOD_RECIPES: dict[str, tuple[type[MethodConfig], bool]] = {

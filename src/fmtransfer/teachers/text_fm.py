@@ -3,9 +3,9 @@
 - `probe`: a head on the frozen encoder; each text is embedded once (cached on disk) and reused.
 - `hybrid`: the frozen text embeddings joined with the application's own ID/feature tower; on
   movielens this is the adaptation that makes the FM beat the ID student (DESIGN.md section 2).
-- `text_finetune` (named `finetune` before; that name still works): the encoder's top N transformer layers
-  (or all) train with the head; texts are tokenized once, and each step encodes only the distinct texts of
-  the batch.
+- `text_finetune`: the encoder's top N transformer layers (or all) train with the head; texts are
+  tokenized once, and each step encodes only the distinct texts of the batch. Named `finetune` before
+  (that name still works).
 
 A text view is indexed by an entity column (one profile per user, one per movie) or by `row`, so the
 encoder runs once per distinct text rather than once per rating.
