@@ -17,9 +17,9 @@ import torch
 from fmtransfer.config import ModelConfig
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ConfigError
-from fmtransfer.methods.fm_base import FMMethod, FMModel
+from fmtransfer.methods.fm_base import FMMethod
 from fmtransfer.methods.losses import masked_task_loss
-from fmtransfer.models.fm_heads import EnsembleConfig, EnsembleModel
+from fmtransfer.models.fm_heads import EnsembleConfig, EnsembleModel, FMModel
 from fmtransfer.models.fm_layers import FMFeatures, TappedFeatures
 from fmtransfer.registry import METHODS, MODELS
 

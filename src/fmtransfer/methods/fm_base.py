@@ -25,8 +25,6 @@ from fmtransfer.models.fm_layers import FMFeatures, FMLayersConfig, TappedFeatur
 from fmtransfer.models.fm_live import measure_latency
 from fmtransfer.utils import count_params
 
-__all__ = ["FMMethod", "FMModel"]
-
 
 class FMMethod(Method):
     """A method that trains its own model on the frozen FM's cached features; the loss is the task loss

@@ -32,9 +32,9 @@ from torch import nn
 from fmtransfer.config import ModelConfig
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ConfigError
-from fmtransfer.methods.fm_base import FMMethod, FMModel
+from fmtransfer.methods.fm_base import FMMethod
 from fmtransfer.methods.losses import masked_task_loss
-from fmtransfer.models.fm_heads import LEVIConfig, LEVIModel
+from fmtransfer.models.fm_heads import FMModel, LEVIConfig, LEVIModel
 from fmtransfer.models.fm_layers import FMFeatures, TappedFeatures
 from fmtransfer.registry import METHODS, MODELS
 from fmtransfer.train.loop import predict_rows

@@ -99,7 +99,7 @@ class MethodRecipe(Recipe):
                             encoder_forwards=int(fm["encoder_forwards"]) if fm else 0, method=method)
 
 
-def method_teacher_config(recipe: str, method_cfg: type[MethodConfig], holds_small: bool) -> type:
+def method_teacher_config(recipe: str, class_name: str, method_cfg: type[MethodConfig], holds_small: bool) -> type:
     """The config class of recipe `recipe`: MethodTeacherConfig with its `method` section typed `method_cfg`.
 
     A recipe whose method holds no small model refuses a `small` and leaves the unset key out of its
@@ -109,16 +109,20 @@ def method_teacher_config(recipe: str, method_cfg: type[MethodConfig], holds_sma
         namespace["fingerprint_optional"] = {"small": None}
     fields: list[Any] = [("recipe", str, field(default=recipe)),
                          ("method", method_cfg, field(default_factory=method_cfg))]
-    return dataclasses.make_dataclass(f"{method_cfg.__name__.removesuffix('Config')}TeacherConfig", fields,
-                                      bases=(MethodTeacherConfig,), namespace=namespace)
+    return dataclasses.make_dataclass(class_name, fields, bases=(MethodTeacherConfig,), namespace=namespace)
 
 
-METHOD_RECIPES: dict[str, tuple[type[MethodConfig], bool]] = {
-    "levi": (LEVIConfig, True), "linear_probe": (ProbeConfig, False), "mlp_probe": (MLPProbeConfig, False),
-    "ensemble": (EnsembleConfig, True), "finetune_full": (FinetuneConfig, False), "lp_ft": (LPFTConfig, False),
-    "wise_ft": (WiseFTConfig, False), "lora": (LoraMethodConfig, False),
+METHOD_RECIPES: dict[str, tuple[str, type[MethodConfig], bool]] = {
+    "levi": ("LEVITeacherConfig", LEVIConfig, True),
+    "linear_probe": ("LinearProbeTeacherConfig", ProbeConfig, False),
+    "mlp_probe": ("MLPProbeTeacherConfig", MLPProbeConfig, False),
+    "ensemble": ("EnsembleTeacherConfig", EnsembleConfig, True),
+    "finetune_full": ("FinetuneFullTeacherConfig", FinetuneConfig, False),
+    "lp_ft": ("LPFTTeacherConfig", LPFTConfig, False),
+    "wise_ft": ("WiseFTTeacherConfig", WiseFTConfig, False),
+    "lora": ("LoraTeacherConfig", LoraMethodConfig, False),
 }
-"""recipe -> (the method's config class, whether the method holds a small model)."""
+"""recipe -> (its config class's name, the method's config class, whether the method holds a small model)."""
 
-for _recipe, (_cfg_cls, _small) in METHOD_RECIPES.items():
-    RECIPES.register(_recipe, method_teacher_config(_recipe, _cfg_cls, _small), MethodRecipe)
+for _recipe, (_name, _cfg_cls, _small) in METHOD_RECIPES.items():
+    RECIPES.register(_recipe, method_teacher_config(_recipe, _name, _cfg_cls, _small), MethodRecipe)
