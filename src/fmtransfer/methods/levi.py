@@ -4,8 +4,8 @@ Our design (only the LEVI paper's abstract could be read; every choice below is 
 docs/levi.md):
 - Tapped layers l (default 50%, 75%, 100% of the backbone's depth), pooled features p_l read from the
   cache (the backbone is frozen: models/fm_layers.py).
-- The small task-specific model g is the task's student model (`run_cfg.student`: hashed n-grams on
-  reviews, a tiny CNN on digits), trained from scratch: u = g.body(x).
+- The small task-specific model g is `method.small`, else the run's student model (`BuildContext.small`:
+  hashed n-grams on reviews, a tiny CNN on digits), trained from scratch: u = g.body(x).
 - One adapter per tapped layer: z_l = A_l([LN(p_l); u]), an MLP to the outputs.
 - Ensemble z = sum_m w_m z_m, with w = softmax(beta) (learned, `weighting: learned`), fixed uniform
   weights, or an input-dependent gate w(x) = softmax(G([u; LN(p_deepest)])). With `small_head: member`

@@ -24,8 +24,8 @@ DiverseDistill, Talking Models) like any prepared teacher:
 
 `finetune_full` is not called `finetune`: that is the former name of the text recipe `text_finetune`
 (teachers/text_fm.py), still accepted for it. The teacher's `reps` are its model's body output. The
-fine-tuning recipes run the backbone live on every row once the teacher is trained (35k texts on reviews:
-minutes on a CPU).
+fine-tuning recipes run the backbone live on every row once the teacher is trained (what a pass costs on
+reviews: docs/reviews.md).
 """
 
 from __future__ import annotations
