@@ -3,6 +3,7 @@ loss it weights), filtering skips and counts teacher pairs, equal importance kee
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -250,7 +251,7 @@ def test_pre_teacher_signal_lets_the_gate_trust_the_complementary_teacher_where_
 
 def test_per_teacher_temperature_and_foundation_warmup_golden() -> None:
     """kd = mean over rows of sum_k w_k KD_k at each teacher's own T; the warm-up zeroes the FM's weight."""
-    from fmtransfer.methods.ca_mkd import per_row_kd
+    from fmtransfer.methods.losses import per_row_kd
     method, batch = _strong_method("importance: equal, filter: false, teacher_temperature: {fm: 1.0}, "
                                    "foundation_warmup_steps: 4")
     method.train()
@@ -303,3 +304,19 @@ def test_teacher_logit_bias_shifts_weights_not_the_gates_regression() -> None:
     bias[fm] = 2.0
     assert torch.allclose(method.importance(z), torch.softmax(g + bias, -1), atol=1e-6)
     assert torch.allclose(plain.gate_scores(plain.student.body(batch)), g)  # same init: the bias is not in G
+
+
+def test_answer_hidden_and_target_tau_golden() -> None:
+    """`answer_hidden` is the answer MLPs' hidden width; the correctness gate target is softmax(-loss / target_tau)
+    (two teachers with losses 0 and 1 at target_tau 0.5: weights 1 / (1 + e^-2) and e^-2 / (1 + e^-2))."""
+    method, batch = _strong_method("gate_target: correctness, target_tau: 0.5, answer_hidden: 24")
+    assert all(a[0].out_features == 24 and a[2].in_features == 24 for a in method.answer)
+    z = method.student.body(batch).detach()
+    n = len(z)
+    t_loss = torch.tensor([0.0, 1.0]).expand(n, 2)
+    g = method.gate_scores(z)
+    w0 = 1.0 / (1.0 + math.exp(-2.0))
+    want = -(w0 * torch.log_softmax(g / method.c.tau, -1)[:, 0]
+             + (1 - w0) * torch.log_softmax(g / method.c.tau, -1)[:, 1]).mean()
+    got = method._gate_loss(z, t_loss, torch.zeros(n), torch.ones(n, 2, dtype=torch.bool))
+    torch.testing.assert_close(got, want)

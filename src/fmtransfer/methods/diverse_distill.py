@@ -55,10 +55,8 @@ from torch import nn
 from fmtransfer.config import MethodConfig
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ConfigError
-from fmtransfer.methods.base import Method
-from fmtransfer.methods.ca_mkd import per_row_kd
-from fmtransfer.methods.losses import per_row_task_loss
-from fmtransfer.methods.multi_kd import committee
+from fmtransfer.methods.base import Built, Method, committee
+from fmtransfer.methods.losses import per_row_kd, per_row_task_loss
 from fmtransfer.models.base import TaskModel, mlp
 from fmtransfer.plots import lines, stacked_bars
 from fmtransfer.ranges import at_least
@@ -150,8 +148,8 @@ class DiverseDistill(Method):
     reads_reps = True
 
     def __init__(self, cfg: DiverseDistillConfig, student: TaskModel, task: TaskData,
-                 teachers: dict[str, Any]) -> None:
-        super().__init__(cfg, student, task, teachers)
+                 teachers: dict[str, Any], built: Built | None = None) -> None:
+        super().__init__(cfg, student, task, teachers, built)
         self.names = committee(cfg.teachers, list(teachers), "diverse_distill")
         self.c = cfg
         k, q, d = len(self.names), cfg.query_dim, student.rep_dim
