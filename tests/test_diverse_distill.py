@@ -303,3 +303,35 @@ def test_teacher_logit_bias_shifts_weights_not_the_gates_regression() -> None:
     bias[fm] = 2.0
     assert torch.allclose(method.importance(z), torch.softmax(g + bias, -1), atol=1e-6)
     assert torch.allclose(plain.gate_scores(plain.student.body(batch)), g)  # same init: the bias is not in G
+
+
+def test_reliability_gate_learns_the_teacher_that_fits_the_labels() -> None:
+    """`reliability`: the gate learns from the mixture's task loss on labeled rows, so it trusts the teacher
+    that is right (the gate reads only the gate loss: the terms it weights use alpha detached)."""
+    method, batch = _strong_method("gate_target: reliability, l_gate: 1.0, entropy_floor: 0.0, filter: false")
+    opt = torch.optim.Adam(method.gate.parameters(), lr=0.05)
+    method.train()
+    first = float(method(batch)["gate"])
+    for _ in range(80):
+        opt.zero_grad()
+        method(batch)["loss"].backward()
+        opt.step()
+    assert float(method(batch)["gate"]) < first
+    alpha = method.importance(method.student.body(batch)).detach()
+    assert alpha[:, method.names.index("fm")].mean() > 0.8  # fm is right on every row, wide on half
+
+
+def test_hint_term_is_off_by_default_and_weighs_each_teachers_fitnet_hint() -> None:
+    """l_hint 0 builds no projector (parameters and init unchanged); l_hint > 0 adds sum_k w_k hint_k."""
+    from fmtransfer.methods.dd_terms import per_row_hint
+    plain, batch = _strong_method("importance: equal, filter: false")
+    method, _ = _strong_method("importance: equal, filter: false, l_hint: 2.0")
+    assert not any(k.startswith("hint_proj") for k in plain.state_dict())
+    shared = {k: v for k, v in method.state_dict().items() if not k.startswith("hint_proj")}
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in shared.items())
+    z = method.student.body(batch)
+    expect = sum(0.5 * per_row_hint(method.hint_proj[k](z), batch[f"teacher_rep:{n}"])
+                 for k, n in enumerate(method.names)).mean()
+    out, base = method(batch), plain(batch)
+    assert torch.allclose(out["hint"], expect, atol=1e-6)
+    assert torch.allclose(out["loss"], base["loss"] + 2.0 * expect, atol=1e-5)
