@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fmtransfer.config import load_config
 from fmtransfer.errors import ConfigError
@@ -335,3 +336,24 @@ def test_hint_term_is_off_by_default_and_weighs_each_teachers_fitnet_hint() -> N
     out, base = method(batch), plain(batch)
     assert torch.allclose(out["hint"], expect, atol=1e-6)
     assert torch.allclose(out["loss"], base["loss"] + 2.0 * expect, atol=1e-5)
+
+
+def test_confidence_gate_trusts_the_teacher_that_is_sure_on_the_row() -> None:
+    """`confidence`: G regresses each teacher's negative entropy (label-free), so with the wide teacher's own
+    outputs as a signal it learns to weigh wide down exactly on the rows where wide is unsure (odd rows)."""
+    method, batch = _strong_method("gate_target: confidence, gate_signals: [pre_teachers], l_gate: 1.0, "
+                                   "entropy_floor: 0.0, filter: false")
+    opt = torch.optim.Adam(method.gate.parameters(), lr=0.05)
+    method.train()
+    for _ in range(150):
+        opt.zero_grad()
+        method(batch)["loss"].backward()
+        opt.step()
+    z = method.student.body(batch)
+    alpha = method.importance(z, method.gate_extra(method.student.head(z) + method.student.offset(batch), batch)).detach()
+    odd, wide = batch["row"] % 2 == 1, method.names.index("wide")
+    neg_h = torch.stack([(F.softmax(batch[f"teacher:{n}"], -1) * F.log_softmax(batch[f"teacher:{n}"], -1)).sum(-1)
+                         for n in method.names], -1)
+    expect = torch.softmax(neg_h, -1)[:, wide]  # alpha = softmax(-entropy): 0.5 on even rows, ~0.34 on odd
+    assert abs(float(alpha[~odd, wide].mean() - expect[~odd].mean())) < 0.03
+    assert abs(float(alpha[odd, wide].mean() - expect[odd].mean())) < 0.03 and float(expect[odd].mean()) < 0.4

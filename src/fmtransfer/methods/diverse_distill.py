@@ -38,7 +38,12 @@ Our reading of DiverseDistill (only the abstract was available; every choice is 
     `teacher_temperature` - a KD temperature per teacher (others use `temperature`);
     `teacher_logit_bias` - a fixed prior on a teacher's gate score (where it weighs and ranks pairs);
     `foundation_warmup_steps` - teacher-assistant order: the foundation teachers' weights ramp 0 -> 1
-      over that many steps, so the complementary teachers teach first.
+      over that many steps, so the complementary teachers teach first;
+    `gate_target: reliability` - G learns, on labeled rows whose teachers all ran, the blend of teachers
+      whose mixed output fits the label (the task loss of sum_k alpha_k t_k), so it weighs teachers by
+      how right they are, not by how much the student still disagrees with them;
+    `l_hint` - a FitNets-strength hint per teacher, + l_hint * sum_k w_k MSE(LN(P_k z_s), LN(h_k)),
+      weighted like the KD terms (FitNets from the FM is the best movielens baseline there).
 All of it is dropped at export: `predict` runs the student alone.
 """
 
@@ -85,12 +90,13 @@ class DiverseDistillConfig(MethodConfig):
     temperature: float = 4.0
     importance: Literal["learned", "equal"] = "learned"
     """learned: the gate G(z_s) weighs and filters teachers; equal: 1/K for every teacher and row."""
-    gate_target: Literal["benefit", "disagreement", "correctness", "reliability"] = "disagreement"
+    gate_target: Literal["benefit", "disagreement", "correctness", "reliability", "confidence"] = "disagreement"
     """What G learns (stop-gradient, on pairs that ran): each teacher's loss advantage over the student
     (labeled rows), how far the teacher's output is from the student's (its per-row KD term: any row),
     which teacher is right (softmax(-loss / target_tau), labeled rows), or `reliability`: the blend of
     teachers that fits the label (the task loss of the alpha-weighted teacher mixture, labeled rows whose
-    teachers all ran)."""
+    teachers all ran), or `confidence` (classification): the teacher's negative entropy on the row (any
+    row: label-free, so it is not fooled by teachers that memorised the few labels)."""
     tau: float = 1.0
     target_tau: float = 1.0
     """Temperature of the correctness target softmax(-teacher loss / target_tau)."""
@@ -195,6 +201,9 @@ class DiverseDistill(Method):
                               f"committee ({', '.join(self.names)})")
         if cfg.foundation_warmup_steps > 0:
             self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        if cfg.gate_target == "confidence" and self.task_type == "regression":
+            raise ConfigError("method.gate_target: confidence needs class outputs (a regression teacher has no "
+                              "entropy); use reliability or disagreement")
         if cfg.l_hint > 0:  # built last and only when on: every other module's initialisation is unchanged
             self.hint_proj = nn.ModuleList([nn.Linear(d, self.teacher_info[n]["rep_dim"]) for n in self.names])
 
@@ -393,6 +402,9 @@ class DiverseDistill(Method):
         if c.importance == "learned":
             if c.gate_target == "disagreement":  # any row that ran the teacher; the target is its KD term
                 gate = _masked_mse(self.gate_scores(z, extra), torch.stack(kd, -1).detach(), keep)
+            elif c.gate_target == "confidence":  # any row that ran the teacher; the target is -entropy
+                logp = torch.stack([F.log_softmax(o.detach().float(), -1) for o in t_outs], 1)
+                gate = _masked_mse(self.gate_scores(z, extra), (logp.exp() * logp).sum(-1), keep)
             elif c.gate_target == "reliability":  # labeled rows whose teachers all ran: which blend fits y
                 full = (labeled & keep.all(-1)).float()
                 mix = mixture_task_loss(alpha, [o.detach() for o in t_outs], batch["y"], self.task_type)
