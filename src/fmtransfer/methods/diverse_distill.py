@@ -41,7 +41,9 @@ Our reading of DiverseDistill (only the abstract was available; every choice is 
       over that many steps, so the complementary teachers teach first;
     `gate_target: reliability` - G learns, on labeled rows whose teachers all ran, the blend of teachers
       whose mixed output fits the label (the task loss of sum_k alpha_k t_k), so it weighs teachers by
-      how right they are, not by how much the student still disagrees with them;
+      how right they are, not by how much the student still disagrees with them (it fails where the
+      teachers memorised the few labels: digits, docs/strong.md);
+    `gate_target: confidence` - (classes) G regresses each teacher's negative entropy on the row, label-free;
     `l_hint` - a FitNets-strength hint per teacher, + l_hint * sum_k w_k MSE(LN(P_k z_s), LN(h_k)),
       weighted like the KD terms (FitNets from the FM is the best movielens baseline there).
 All of it is dropped at export: `predict` runs the student alone.
