@@ -27,7 +27,7 @@ import torch
 from fmtransfer.cache.text import TextEncoderCache
 from fmtransfer.config import load_config
 from fmtransfer.models.hf_text import load_encoder, mean_pool
-from fmtransfer.run import build_task, run_experiment
+from fmtransfer.runner import build_task, run_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from fmtransfer.cache.text import TextEncoderCache
 from fmtransfer.config import load_config
 from fmtransfer.models.hf_text import mean_pool
-from fmtransfer.run import build_task
+from fmtransfer.runner import build_task
 from fmtransfer.teachers.image_fm import cached_backbone_outputs
 
 REPO = Path(__file__).resolve().parents[1]

@@ -176,7 +176,7 @@ def issue_rows(work: Path) -> list[dict[str, Any]]:
 
     def teacher(kind: str) -> tuple[str, str]:
         from fmtransfer.config import load_config
-        from fmtransfer.run import build_task
+        from fmtransfer.runner import build_task
         from fmtransfer.teachers.base import prepare_teacher
 
         cdir = work / f"t-{kind}"
@@ -277,8 +277,8 @@ def corruptions(work: Path, per_kind: int, seed: int) -> dict[str, Any]:
     from fmtransfer.cache.store import FeatureStore, FieldSpec
     from fmtransfer.config import load_config
     from fmtransfer.export import export_run, open_finished_run
-    from fmtransfer.run import build_task, run_experiment
     from fmtransfer.runfiles import read_metrics
+    from fmtransfer.runner import build_task, run_experiment
     from fmtransfer.serving.loader import load_predictor
     from fmtransfer.teachers.base import _load_artifact, prepare_teacher
     from fmtransfer.train.checkpoint import load_checkpoint

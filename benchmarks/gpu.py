@@ -35,12 +35,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch
 
-from fmtransfer.bench import suite_configs
+from fmtransfer.benchmarking.suite import suite_configs
 from fmtransfer.cache.text import TextEncoderCache
 from fmtransfer.config import RunConfig
 from fmtransfer.data.base import TaskData
 from fmtransfer.registry import METHODS, MODELS
-from fmtransfer.run import JsonlLog, build_task, prepare_teachers
+from fmtransfer.runner import JsonlLog, build_task, prepare_teachers
 from fmtransfer.train.distributed import DistContext
 from fmtransfer.train.loop import fit
 

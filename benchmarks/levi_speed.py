@@ -43,7 +43,7 @@ from fmtransfer.config import RunConfig, load_config, to_dict
 from fmtransfer.data.base import TaskData
 from fmtransfer.models.fm_live import LiveTaps
 from fmtransfer.registry import METHODS, load_builtins
-from fmtransfer.run import build_task
+from fmtransfer.runner import build_task
 from fmtransfer.train.batches import BatchPlan
 from fmtransfer.train.loop import make_batch
 

@@ -33,7 +33,7 @@ import torch
 
 from fmtransfer.config import RunConfig, load_config
 from fmtransfer.registry import METHODS, MODELS
-from fmtransfer.run import JsonlLog, build_task, prepare_teachers
+from fmtransfer.runner import JsonlLog, build_task, prepare_teachers
 from fmtransfer.train.distributed import DistContext
 from fmtransfer.train.loop import fit
 

@@ -39,7 +39,7 @@ from fmtransfer.cache.text import TextEncoderCache
 from fmtransfer.config import load_config
 from fmtransfer.data.base import TaskData
 from fmtransfer.registry import RECIPES
-from fmtransfer.run import build_task
+from fmtransfer.runner import build_task
 from fmtransfer.teachers.image_fm import Preprocess, cached_backbone_outputs, load_backbone, run_blocks
 from fmtransfer.teachers.outputs import outputs_and_reps, prepare_batch_size
 from fmtransfer.train.loop import predict_rows

@@ -18,7 +18,7 @@ from pathlib import Path
 from fmtransfer.config import RunConfig, load_config
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import FmtError
-from fmtransfer.run import build_task
+from fmtransfer.runner import build_task
 from fmtransfer.teachers.base import teacher_fingerprint
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -93,7 +93,7 @@ def test_hf_dataset(tmp_path: Path) -> None:
 
 
 def test_load_config_and_run_are_the_documented_names() -> None:
-    import fmtransfer.run  # noqa: F401  (importing the submodule keeps ft.run callable)
+    import fmtransfer.runner  # noqa: F401  (importing the submodule keeps ft.run callable)
 
     assert ft.load_config is ft.config.load_config and callable(ft.run)
     assert "Result" in ft.__all__ and ft.Result.__name__ == "Result"

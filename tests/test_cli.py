@@ -1,4 +1,5 @@
-"""The command line end to end on the tiny config: run, bench, report, validate, and clean failures."""
+"""The command line end to end on the tiny config: run, suite (and its old name bench), report,
+validate, and clean failures."""
 
 from __future__ import annotations
 
@@ -44,12 +45,12 @@ def test_run_writes_the_output_contract(tmp_path: Path) -> None:
     assert keys and all(not k.startswith(("teacher", "student.")) for k in keys)
 
 
-def test_bench_and_report(tmp_path: Path) -> None:
+def test_suite_and_report(tmp_path: Path) -> None:
     suite = tmp_path / "suite.yaml"
     suite.write_text(f"name: tiny\nset: {{cache_dir: {tmp_path / 'cache'}}}\nruns:\n"
                      f"  - {{name: student, config: {TINY}, set: {{method: {{name: student}}}}}}\n"
                      f"  - {{name: kd-wide, config: {TINY}}}\n")
-    r = cli("bench", str(suite), "--seeds", "2", "--out", str(tmp_path / "b"))
+    r = cli("suite", str(suite), "--seeds", "2", "--out", str(tmp_path / "b"))
     assert r.returncode == 0, r.stderr
     results = json.loads((tmp_path / "b" / "results.json").read_text())
     names = [row["name"] for row in results["rows"]]
@@ -58,7 +59,7 @@ def test_bench_and_report(tmp_path: Path) -> None:
     assert kd["seeds"] == [0, 1] and len(kd["test"]) == 2 and all(g is not None for g in kd["gap"])
     md = (tmp_path / "b" / "results.md").read_text()
     assert "| kd-wide | synthetic | 2 |" in md and "±" in md
-    # a second bench call finds every run finished and only re-reports
+    # a second call (by the old name, bench) finds every run finished and only re-reports
     again = cli("bench", str(suite), "--seeds", "2", "--out", str(tmp_path / "b"))
     assert again.returncode == 0 and again.stdout.count(": test accuracy") == 4
     rep = cli("report", str(tmp_path / "b"))
@@ -66,7 +67,7 @@ def test_bench_and_report(tmp_path: Path) -> None:
 
 
 def test_report_follows_linked_run_folders_once(tmp_path: Path) -> None:
-    from fmtransfer.bench import collect
+    from fmtransfer.benchmarking.suite import collect
 
     for run, seed in [("a", 0), ("a", 1), ("b", 0)]:
         d = tmp_path / "elsewhere" / run / f"seed{seed}"

@@ -91,7 +91,7 @@ def test_every_shipped_config_validates(path: Path) -> None:
 
 @pytest.mark.parametrize("path", SUITES, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_shipped_suite_validates(path: Path) -> None:
-    from fmtransfer.bench import suite_configs
+    from fmtransfer.benchmarking.suite import suite_configs
 
     items = suite_configs(path, [0, 1])
     assert len(items) >= 2 and {seed for _, seed, _ in items} == {0, 1}

@@ -23,7 +23,7 @@ needs_effnet = pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite_py
 
 
 def _task(**opts):  # type: ignore[no-untyped-def]
-    from fmtransfer.run import build_task
+    from fmtransfer.runner import build_task
 
     return build_task(load_config(raw={"task": {"name": "digits", **opts}}))
 
@@ -157,7 +157,7 @@ def test_efficientnet_recipes_on_a_few_images(recipe: str, tmp_path: Path) -> No
                                          "eval_batch_size": 64}}},
            "cache_dir": str(tmp_path)}
     cfg = load_config(raw=raw)
-    from fmtransfer.run import build_task
+    from fmtransfer.runner import build_task
 
     task = build_task(cfg)
     t = prepare_teacher("fm", cfg.teachers["fm"], task, tmp_path, seed=0)

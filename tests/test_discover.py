@@ -59,19 +59,20 @@ def test_no_suggestion_when_nothing_is_close() -> None:
 
 
 @pytest.mark.parametrize(("cmd", "says", "never"), [
-    (["bench", str(TINY), "--out", "x"], "run the same bench command again", "--resume"),
-    (["run", str(TINY), "--out", "x"], "--resume", "bench"),
+    (["suite", str(TINY), "--out", "x"], "run the same command again", "--resume"),
+    (["bench", str(TINY), "--out", "x"], "run the same command again", "--resume"),  # the old name of suite
+    (["run", str(TINY), "--out", "x"], "--resume", "finished runs are kept"),
 ])
 def test_ctrl_c_says_how_to_continue(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                                      cmd: list[str], says: str, never: str) -> None:
-    import fmtransfer.bench
-    import fmtransfer.run
+    import fmtransfer.benchmarking.suite
+    import fmtransfer.runner
 
     def interrupted(*a: object, **k: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fmtransfer.bench, "run_bench", interrupted)
-    monkeypatch.setattr(fmtransfer.run, "run_experiment", interrupted)
+    monkeypatch.setattr(fmtransfer.benchmarking.suite, "run_suite", interrupted)
+    monkeypatch.setattr(fmtransfer.runner, "run_experiment", interrupted)
     assert main(cmd) == 130
     err = capsys.readouterr().err
     assert says in err and never not in err

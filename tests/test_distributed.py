@@ -46,7 +46,7 @@ def test_two_ranks_end_identical(tmp_path: Path) -> None:
 def test_cache_command_shards_encoding_across_ranks(tmp_path: Path, tiny_bert: str) -> None:
     from fmtransfer.cache.text import TextEncoderCache
     from fmtransfer.config import load_config
-    from fmtransfer.run import build_task
+    from fmtransfer.runner import build_task
 
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     sets = ["--set", f"cache_dir={tmp_path / 'c'}", "--set",

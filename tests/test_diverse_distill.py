@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from fmtransfer.config import load_config
 from fmtransfer.errors import ConfigError
 from fmtransfer.registry import METHODS, MODELS
-from fmtransfer.run import build_task
+from fmtransfer.runner import build_task
 from fmtransfer.train.loop import make_batch
 from tests.conftest import TINY
 
@@ -118,7 +118,7 @@ def test_equal_importance_keeps_every_teacher() -> None:
 
 
 def test_live_teachers_train_exactly_like_cached_ones_and_run_only_kept_rows(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from fmtransfer.run import JsonlLog, prepare_teachers
+    from fmtransfer.runner import JsonlLog, prepare_teachers
     from fmtransfer.train.distributed import DistContext
 
     def make(source: str):  # type: ignore[no-untyped-def]
@@ -156,7 +156,7 @@ def test_gate_gets_no_gradient_from_the_terms_it_weights() -> None:
 def test_run_reports_importance_and_draws_plots(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import json
 
-    from fmtransfer.run import run_experiment
+    from fmtransfer.runner import run_experiment
 
     cfg = load_config(TINY, [f"cache_dir={tmp_path / 'c'}", "method={name: diverse_distill}",
                              "teachers.deep={recipe: supervised, model: {name: mlp, hidden: [32, 32]}, "
@@ -279,7 +279,7 @@ def test_gate_signal_options_are_checked() -> None:
 def test_run_with_the_strong_regime_options_reports_importance(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """End to end: the pre-FM gate signals, a per-teacher temperature and the warm-up go through the loop,
     the checkpoint and the per-segment report (which reads the same signals for validation rows)."""
-    from fmtransfer.run import run_experiment
+    from fmtransfer.runner import run_experiment
 
     cfg = load_config(TINY, [f"cache_dir={tmp_path / 'c'}",
                              "method={name: diverse_distill, teachers: [wide], gate_signals: [state, uncertainty, "

@@ -30,7 +30,7 @@ def test_text_bf16_is_a_separate_cache_entry_close_to_fp32(tiny_bert: str, tmp_p
 
 @needs_effnet
 def test_image_bf16_changes_the_cache_key_and_fingerprint_only_when_on(tmp_path: Path) -> None:
-    from fmtransfer.run import build_task
+    from fmtransfer.runner import build_task
     from fmtransfer.teachers.base import teacher_fingerprint
     from fmtransfer.teachers.image_fm import cached_backbone_outputs, weights_hash
 

@@ -31,7 +31,7 @@ REGRESSION = ["task.kind=regression", "student={name: mlrec, hidden: [16]}", "te
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two finished tiny runs: classification with an `mlp` student, regression with an `mlrec` student."""
-    from fmtransfer.run import run_experiment
+    from fmtransfer.runner import run_experiment
 
     base = tmp_path_factory.mktemp("runs")
     for kind, extra in (("cls", []), ("reg", REGRESSION)):
@@ -52,7 +52,7 @@ def exports(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> 
 def _task_and_reference(run: Path) -> tuple[object, torch.nn.Module]:
     """The run's task and its student rebuilt the training way (registry + the run's weights)."""
     from fmtransfer.registry import MODELS
-    from fmtransfer.run import build_task
+    from fmtransfer.runner import build_task
 
     cfg = load_config(run / "config.yaml")
     task = build_task(cfg)
@@ -147,7 +147,7 @@ def test_loader_imports_no_training_code(exports: dict[str, Path]) -> None:
         "feats = {'x': np.zeros((3, 8), np.float32), 'user': np.arange(3)}\n"
         "outs = [load_predictor(d, f).predict_features(feats) for f in p.manifest.files]\n"
         "assert all(o.shape == (3,) for o in outs)\n"
-        "bad = ('fmtransfer.train', 'fmtransfer.methods', 'fmtransfer.teachers', 'fmtransfer.run',\n"
+        "bad = ('fmtransfer.train', 'fmtransfer.methods', 'fmtransfer.teachers', 'fmtransfer.runner',\n"
         "       'fmtransfer.export')\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.startswith(bad))))\n"
     )
@@ -258,8 +258,8 @@ def test_loader_refuses_altered_files_and_bad_requests(exports: dict[str, Path],
 
 
 def test_live_fm_path_reproduces_the_teacher_and_serve_bench_reports(tiny_bert: str, tmp_path: Path) -> None:
-    from fmtransfer.run import run_experiment
-    from fmtransfer.serving.bench import format_bench, serve_bench
+    from fmtransfer.benchmarking.serve import format_bench, serve_bench
+    from fmtransfer.runner import run_experiment
 
     cfg = load_config(TINY, [f"cache_dir={tmp_path / 'cache'}", f"teachers.fm={{recipe: hybrid, encoder: {tiny_bert}}}",
                              "teachers.fm.features={name: mlp, hidden: [8]}", "teachers.fm.proj_dim=8",

@@ -20,7 +20,7 @@ pd = pytest.importorskip("pandas")
 @pytest.mark.parametrize("name", METHODS.names())
 def test_every_method_exports_and_serves_raw_rows(name: str, tiny_bert: str, tmp_path: Path) -> None:
     from fmtransfer.export import export_run
-    from fmtransfer.run import build_task, run_experiment
+    from fmtransfer.runner import build_task, run_experiment
     from fmtransfer.serving.loader import load_predictor
 
     fields = METHODS.get(name).config_cls.__dataclass_fields__  # FM methods read the tiny BERT; no timing

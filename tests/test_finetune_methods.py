@@ -12,7 +12,7 @@ import torch
 from fmtransfer.config import load_config
 from fmtransfer.errors import ConfigError
 from fmtransfer.registry import METHODS
-from fmtransfer.run import build_task, run_experiment
+from fmtransfer.runner import build_task, run_experiment
 from tests.conftest import tiny_raw
 
 CPU = torch.device("cpu")

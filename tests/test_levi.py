@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from fmtransfer.config import load_config
 from fmtransfer.errors import ConfigError
 from fmtransfer.registry import METHODS
-from fmtransfer.run import build_task, run_experiment
+from fmtransfer.runner import build_task, run_experiment
 from tests.conftest import TINY
 
 FAST = ["train.epochs=2", "train.num_threads=1", "train.steps_per_epoch=4", "method.latency_rows=16",

@@ -34,7 +34,7 @@ def test_batch_plan_is_deterministic_and_splits_ranks() -> None:
 
 
 def test_run_learns_and_selects_on_validation(tmp_path: Path) -> None:
-    from fmtransfer.run import run_experiment
+    from fmtransfer.runner import run_experiment
 
     cfg = load_config(TINY, [f"cache_dir={tmp_path / 'c'}", "method={name: student}", "train.epochs=6"])
     m = run_experiment(cfg, tmp_path / "run", quiet=True)
@@ -49,7 +49,7 @@ def test_run_learns_and_selects_on_validation(tmp_path: Path) -> None:
 
 
 def test_score_last_false_skips_the_second_evaluation(tmp_path: Path) -> None:
-    from fmtransfer.run import run_experiment
+    from fmtransfer.runner import run_experiment
 
     out = {}
     for flag in ("true", "false"):  # lr 0.1, constant: the tiny task's best epoch is the first of six

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fmtransfer.config import load_config
-from fmtransfer.run import build_task, run_experiment
+from fmtransfer.runner import build_task, run_experiment
 from fmtransfer.teachers.base import load_teacher_weights, prepare_teacher
 from tests.conftest import TINY
 

@@ -10,7 +10,7 @@ import torch
 
 from fmtransfer.config import load_config
 from fmtransfer.registry import METHODS, MODELS
-from fmtransfer.run import build_task, prepare_teachers
+from fmtransfer.runner import build_task, prepare_teachers
 from fmtransfer.train.distributed import DistContext
 from fmtransfer.train.loop import make_batch
 from tests.conftest import TINY
@@ -24,7 +24,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-
     cache = tmp_path_factory.mktemp("cache")
     cfg = load_config(TINY, [f"cache_dir={cache}", *SECOND_TEACHER])
     task = build_task(cfg)
-    from fmtransfer.run import JsonlLog
+    from fmtransfer.runner import JsonlLog
 
     teachers = prepare_teachers(cfg, task, list(cfg.teachers), DistContext(), JsonlLog(None))
     return cfg, task, teachers, cache

@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 
-from fmtransfer.bench import write_report
+from fmtransfer.benchmarking.suite import write_report
 
 pytest.importorskip("matplotlib")
 
 
 def _metrics(method: str, seed: int, acc: float, ood: dict[str, float]) -> dict[str, Any]:
-    """A metrics.json as run._metrics writes it (the fields bench.collect/aggregate read), one teacher."""
+    """A metrics.json as runner._metrics writes it (the fields suite.collect/aggregate read), one teacher."""
     ood_block = {s: {"accuracy": v, "n": 50} for s, v in ood.items()}
     teacher = {"kind": "foundation", "recipe": "probe", "fingerprint": f"fp{seed}", "params": 1000,
                "trainable_params": 10, "val": {"accuracy": 0.8, "n": 50}, "test": {"accuracy": 0.85, "n": 100},

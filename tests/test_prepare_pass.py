@@ -9,7 +9,7 @@ import torch
 
 from fmtransfer.config import load_config
 from fmtransfer.registry import RECIPES
-from fmtransfer.run import build_task
+from fmtransfer.runner import build_task
 from fmtransfer.teachers.outputs import PREPARE_BATCH_ROWS, outputs_and_reps, prepare_batch_size
 from tests.conftest import TINY
 
@@ -65,7 +65,7 @@ def test_preparation_batches_are_sized_for_throughput_not_the_split() -> None:
 
 
 def test_the_cache_command_honours_num_threads(tmp_path: Path) -> None:
-    from fmtransfer.run import cache_teachers
+    from fmtransfer.runner import cache_teachers
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -19,7 +19,7 @@ LINE = re.compile(r"^kd epoch (\d+)/4: train loss \d+\.\d{4}, val accuracy \d\.\
 
 
 def _run(tmp_path: Path, **train: object) -> dict:
-    from fmtransfer.run import run_experiment
+    from fmtransfer.runner import run_experiment
 
     raw = tiny_raw(cache_dir=str(tmp_path / "c"))
     raw["train"] = {**raw["train"], **train}

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from fmtransfer.cli import main
 from fmtransfer.config import load_config
-from fmtransfer.run import build_task, cache_teachers, run_experiment
+from fmtransfer.runner import build_task, cache_teachers, run_experiment
 from fmtransfer.teachers.base import prepare_teacher
 from tests.conftest import REPO, TINY
 

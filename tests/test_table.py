@@ -70,7 +70,7 @@ def test_clear_errors(tmp_path: Path) -> None:
 
 
 def test_kd_run_on_a_user_table(tmp_path: Path) -> None:
-    from fmtransfer.run import run_experiment
+    from fmtransfer.runner import run_experiment
 
     path = tmp_path / "t.csv"
     _frame(400).to_csv(path, index=False)
@@ -98,7 +98,7 @@ def _text_only(n: int = 400) -> object:
 def test_text_columns_feed_a_hashed_ngram_student(tmp_path: Path) -> None:
     from fmtransfer.data.table import build_table
     from fmtransfer.registry import MODELS
-    from fmtransfer.run import run_experiment
+    from fmtransfer.runner import run_experiment
 
     path = tmp_path / "t.csv"
     _text_only().to_csv(path, index=False)

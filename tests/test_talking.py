@@ -15,7 +15,7 @@ from fmtransfer.config import load_config
 from fmtransfer.methods.messages import BODY, Codec, hooked, run_model
 from fmtransfer.methods.talking import Talking
 from fmtransfer.registry import MODELS
-from fmtransfer.run import JsonlLog, build_task, prepare_teachers
+from fmtransfer.runner import JsonlLog, build_task, prepare_teachers
 from fmtransfer.train.distributed import DistContext
 from fmtransfer.train.loop import make_batch
 from tests.conftest import TINY

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fmtransfer.config import load_config
-from fmtransfer.run import build_task
+from fmtransfer.runner import build_task
 from fmtransfer.teachers.base import load_teacher_weights, prepare_teacher
 from tests.conftest import TINY
 
@@ -111,7 +111,7 @@ def test_teacher_learns_from_another_teachers_pseudo_labels(tmp_path: Path) -> N
     """`distill_from`: the source is prepared first; the student-like teacher fits its soft targets on the
     transfer rows too (so it moves toward them), and its artifact is keyed by the source's fingerprint."""
     from fmtransfer.errors import ConfigError
-    from fmtransfer.run import JsonlLog, prepare_teachers
+    from fmtransfer.runner import JsonlLog, prepare_teachers
     from fmtransfer.train.distributed import DistContext
 
     pl = ("teachers.pl={recipe: supervised, model: {name: mlp, hidden: [16]}, distill_from: wide, "

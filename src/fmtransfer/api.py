@@ -98,7 +98,7 @@ def run(config: str | Path | RunConfig | dict[str, Any], out: str | Path | None 
     `config`: a YAML path, a RunConfig or a dict; `overrides`: ["train.epochs=5", ...] or {"train.epochs": 5};
     `data`: a pandas DataFrame or datasets.Dataset for a `table` task (instead of `task.path`);
     `out`: the run directory (default: runs/<task>-<method>-<time>)."""
-    from fmtransfer.run import run_experiment
+    from fmtransfer.runner import run_experiment
 
     raw, base_overrides = _raw(config)
     if isinstance(raw.get("task"), dict) and not isinstance(raw["task"].get("path", ""), (str, type(None))):
@@ -160,7 +160,7 @@ def _reload(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     from fmtransfer.registry import METHODS, MODELS
-    from fmtransfer.run import build_task
+    from fmtransfer.runner import build_task
 
     task = build_task(cfg)
     if METHODS.get(cfg.method.name).impl.build_model(cfg.method, cfg, task, torch.device("cpu")) is not None:

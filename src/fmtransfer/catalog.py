@@ -1,5 +1,6 @@
 """`fmtransfer list [methods|recipes|tasks|models]`: every registered component, its one-line doc and its
-config keys with their defaults (what a config section may hold)."""
+config keys with their defaults (what a config section may hold); and every config class, whose numeric
+ranges `markdown_table()` renders for docs/reliability.md."""
 
 from __future__ import annotations
 
@@ -84,3 +85,26 @@ def format_list(kind: str | None = None) -> str:
                 lines.append(f"  {'':<16} keys: {', '.join(keys)}")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
+
+
+def config_classes() -> list[type]:
+    """The run config's own sections and every registered component's config (the registries load every
+    built-in component)."""
+    from fmtransfer.config import RunConfig, TaskConfig, TeacherConfig, TrainConfig
+
+    out: list[type] = [RunConfig, TrainConfig, TeacherConfig, TaskConfig]
+    for reg in (METHODS, MODELS, RECIPES, TASKS):
+        out += [reg.get(n).config_cls for n in reg.names() if reg.get(n).config_cls not in out]
+    return out
+
+
+def markdown_table() -> str:
+    """One row per config class: `field` range, ... (docs/reliability.md holds this table verbatim)."""
+    from fmtransfer.ranges import range_table
+
+    lines = ["| config (section) | numeric options and their allowed ranges |", "|---|---|"]
+    for cls in config_classes():
+        rows = range_table([cls])
+        if rows:
+            lines.append(f"| {cls.__name__} | " + "; ".join(f"`{f}` {r}" for _, f, r in rows) + " |")
+    return "\n".join(lines)

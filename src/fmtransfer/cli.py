@@ -1,4 +1,6 @@
-"""Command line: `fmtransfer run | cache | bench | report | validate | list | export | predict | serve-bench`.
+"""Command line: `fmtransfer run | cache | suite | report | validate | list | export | predict | serve-bench`.
+
+`bench` is the old name of `suite` and still works.
 
 User errors (bad config, missing data package, corrupt checkpoint, a dead torchrun peer) print one line
 and exit with 2; a bug prints one line and the path of a log holding its traceback, exit 1
@@ -13,6 +15,9 @@ import sys
 from pathlib import Path
 
 from fmtransfer.failures import debug, report
+
+ALIASES = {"bench": "suite"}
+"""Old command names that still work: old name -> command."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="run directory")
     r.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
 
-    b = sub.add_parser("bench", help="run a suite of configs over seeds; write results.json, results.md, id_vs_ood.png")
+    b = sub.add_parser("suite", aliases=list(ALIASES),
+                       help="run a suite of configs over seeds; write results.json, results.md, id_vs_ood.png")
     b.add_argument("suite", help="suite YAML, e.g. configs/movielens/suite.yaml")
     b.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
     b.add_argument("--out", required=True)
@@ -42,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--teacher", action="append", default=None, help="only this teacher (repeatable)")
 
     rep = sub.add_parser("report", help="tabulate finished runs (mean ± std over seeds)")
-    rep.add_argument("dirs", nargs="+", help="run or bench directories")
+    rep.add_argument("dirs", nargs="+", help="run or suite directories")
     rep.add_argument("--out", default=None,
                      help="also write results.json, results.md and the ID-vs-OOD scatter id_vs_ood.png here")
     rep.add_argument("--no-scatter", action="store_true", help="do not write id_vs_ood.png")
@@ -85,6 +91,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.cmd = ALIASES.get(args.cmd, args.cmd)
     try:
         return _dispatch(args)
     except KeyboardInterrupt:
@@ -103,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
 INTERRUPTED = {
     "run": "; continue with the same command and --resume",
-    "bench": "; run the same bench command again to continue (finished runs are kept, the interrupted one resumes)",
+    "suite": "; run the same command again to continue (finished runs are kept, the interrupted one resumes)",
     "cache": "; run the same command again (finished cache shards are kept)",
 }
 """What Ctrl-C says, per command: how to continue where that is possible."""
@@ -121,33 +128,33 @@ def _dispatch(args: argparse.Namespace) -> int:
     from fmtransfer.config import load_config
 
     if args.cmd == "run":
-        from fmtransfer.run import run_experiment
+        from fmtransfer.runner import run_experiment
 
         cfg = load_config(args.config, args.overrides)
         run_experiment(cfg, args.out, resume=args.resume)
         _exit_worker(0)
         return 0
-    if args.cmd == "bench":
-        from fmtransfer.bench import run_bench
+    if args.cmd == "suite":
+        from fmtransfer.benchmarking.suite import run_suite
 
-        print(run_bench(args.suite, args.seeds, args.out, args.overrides))
+        print(run_suite(args.suite, args.seeds, args.out, args.overrides))
         plot = " and id_vs_ood.png" if (Path(args.out) / "id_vs_ood.png").exists() else ""
         print(f"wrote {Path(args.out) / 'results.md'}, results.json{plot}")
         return 0
     if args.cmd == "cache":
-        from fmtransfer.run import cache_teachers
+        from fmtransfer.runner import cache_teachers
 
         cache_teachers(load_config(args.config, args.overrides), args.teacher)
         _exit_worker(0)
         return 0
     if args.cmd == "report":
-        from fmtransfer.bench import write_report
+        from fmtransfer.benchmarking.suite import write_report
 
         print(write_report([Path(d) for d in args.dirs], Path(args.out) if args.out else None,
                            scatter=not args.no_scatter))
         return 0
     if args.cmd == "validate":
-        from fmtransfer.bench import suite_configs
+        from fmtransfer.benchmarking.suite import suite_configs
         from fmtransfer.config import read_yaml
         from fmtransfer.validate import check_run
 
@@ -182,7 +189,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "serve-bench":
         import json
 
-        from fmtransfer.serving.bench import format_bench, serve_bench
+        from fmtransfer.benchmarking.serve import format_bench, serve_bench
 
         result = serve_bench(args.run_dir, export_dir=args.export_dir, cache_dir=args.cache_dir,
                              requests=args.requests, fm_requests=args.fm_requests, batch_size=args.batch_size,

@@ -191,14 +191,13 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, path)
-            except ConfigError as e:
-                errors.append(e)
+            except ConfigError:
+                continue  # the next member of the union may take it; if none does, one error names them all
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         allowed = typing.get_args(tp)
@@ -311,6 +310,13 @@ def to_dict(cfg: Any) -> Any:
     if isinstance(cfg, (list, tuple)):
         return [to_dict(v) for v in cfg]
     return cfg
+
+
+def run_config_hash(cfg: RunConfig) -> str:
+    """The resolved config's hash: checkpoint.pt and metrics.json carry it, and a resume must match it."""
+    from fmtransfer.utils import stable_hash
+
+    return stable_hash(to_dict(cfg))
 
 
 # -------------------------------------------------------------------------------------------- overrides

@@ -26,13 +26,14 @@ from torch import nn
 
 from fmtransfer.config import to_dict
 from fmtransfer.data.base import TaskData
+from fmtransfer.export_manifest import ReadRecorder, run_manifest
 from fmtransfer.integrity import publish_dir
 from fmtransfer.locks import staged_dir
 from fmtransfer.serving.manifest import ExportError, Manifest, one_line
 
 FM_LIVE_ATOL = 0.02
 """Largest |live - cached| output difference accepted on the test split: the cached features are fp16
-tables, the live path computes them in fp32 (measured on the tests' tiny BERT: below 2e-3)."""
+tables, the live path computes them in fp32 (measured differences: docs/serving.md)."""
 
 
 def builds_own_model(method_name: str) -> bool:
@@ -159,9 +160,7 @@ class ImageGraph(nn.Module):
 
 def graph_inputs(graph: nn.Module, task: TaskData) -> list[str]:
     """The views an image graph reads (run once on real rows)."""
-    from fmtransfer.export import _ReadRecorder
-
-    batch = _ReadRecorder({k: v[task.splits["test"][:2]] for k, v in task.features.items()})
+    batch = ReadRecorder({k: v[task.splits["test"][:2]] for k, v in task.features.items()})
     with torch.no_grad():
         graph(batch)
     return [f for f in task.features if f in batch.read]
@@ -287,7 +286,6 @@ def export_fm_run(run: Any, task: TaskData, out: Path, fmts: list[str]) -> Manif
 
     from safetensors.torch import save_file
 
-    from fmtransfer.export import _manifest, _ReadRecorder
     from fmtransfer.preprocess import identity_spec
     from fmtransfer.serving.formats import WRITERS
     from fmtransfer.serving.manifest import FILE_NAMES, MANIFEST_NAME, file_record
@@ -300,11 +298,11 @@ def export_fm_run(run: Any, task: TaskData, out: Path, fmts: list[str]) -> Manif
         inputs = graph_inputs(graph, task)
         fmts = [f for f in ("safetensors", "torchscript", "onnx") if f in (*fmts, "torchscript")]
     else:
-        batch = _ReadRecorder(task.gather(task.splits["test"][:4]))
+        batch = ReadRecorder(task.gather(task.splits["test"][:4]))
         with torch.no_grad():
             model(batch)
         inputs = [f for f in task.features if f in batch.read]
-    manifest = _manifest(run, task, model, inputs)
+    manifest = run_manifest(run, task, model, inputs)
     manifest.model = fm_model_record(run, model)
     spec = task.meta.get("preprocessing") or identity_spec(
         {n: (manifest.features[n]["dtype"], manifest.features[n]["shape"]) for n in inputs},

@@ -128,7 +128,7 @@ def id_ood_scatter(path: Path, rows: list[dict[str, Any]], metric: str, title: s
     """ID test metric (x) against mean OOD metric (y), one labeled point per report row, +- std over seeds.
 
     Shows at a glance whether a method's in-distribution gain carries over out of distribution. Rows are
-    `bench.aggregate` rows ("name", "test", "ood" lists over seeds); teachers are drawn as squares. Returns
+    `benchmarking.suite.aggregate` rows ("name", "test", "ood" lists over seeds); teachers are drawn as squares. Returns
     False when matplotlib is missing or no row has both values.
     """
     plt = _pyplot()

@@ -4,7 +4,8 @@ A field can declare its range next to itself, `lr: float = field(default=3e-3, m
 fields without one get the range of their name's rule in `NAME_RULES` (e.g. every `*dropout` lies in
 [0, 1), every `*batch_size` is >= 1). Every float must also be finite and fit float32: NaN, inf and
 1e300 are refused everywhere. A test checks that every numeric field of every registered component has a range and
-that its default lies inside it; `range_table()` lists them all for docs/reliability.md.
+that its default lies inside it; `range_table()` lists them (`catalog.markdown_table()` renders the table
+of docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -156,25 +157,3 @@ def range_table(classes: list[type]) -> list[tuple[str, str, str]]:
 def numeric_fields_without_range(cls: type) -> list[str]:
     hints = typing.get_type_hints(cls)
     return [f.name for f in dataclasses.fields(cls) if _numeric(hints[f.name]) and range_for(f, hints[f.name]) is None]
-
-
-def config_classes() -> list[type]:
-    """The run config's own sections and every registered component's config (imports every component)."""
-    import fmtransfer.run  # noqa: F401  (registers every component)
-    from fmtransfer.config import RunConfig, TaskConfig, TeacherConfig, TrainConfig
-    from fmtransfer.registry import METHODS, MODELS, RECIPES, TASKS
-
-    out: list[type] = [RunConfig, TrainConfig, TeacherConfig, TaskConfig]
-    for reg in (METHODS, MODELS, RECIPES, TASKS):
-        out += [reg.get(n).config_cls for n in reg.names() if reg.get(n).config_cls not in out]
-    return out
-
-
-def markdown_table() -> str:
-    """One row per config class: `field` range, ... (docs/reliability.md holds this table verbatim)."""
-    lines = ["| config (section) | numeric options and their allowed ranges |", "|---|---|"]
-    for cls in config_classes():
-        rows = range_table([cls])
-        if rows:
-            lines.append(f"| {cls.__name__} | " + "; ".join(f"`{f}` {r}" for _, f, r in rows) + " |")
-    return "\n".join(lines)

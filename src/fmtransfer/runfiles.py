@@ -15,6 +15,9 @@ from typing import Any
 from fmtransfer.errors import ArtifactError
 from fmtransfer.integrity import check, publish, remove_stale_temps
 
+DEBUG_DUMP_ENV = "FMTRANSFER_DEBUG_DUMP_STATE"
+"""Tests set this to a folder: every rank writes its final trainable state there."""
+
 RUN_FILES = ("config.yaml", "checkpoint.pt", "student.safetensors", "metrics.json", "log.jsonl", "preprocessing.json",
              "receipts.json")
 
@@ -60,3 +63,14 @@ def check_run_files(run_dir: Path, names: tuple[str, ...], fix: str) -> None:
             why = check(p)
             if why is not None:
                 raise ArtifactError(f"{p} is corrupt or altered ({why}); {fix}")
+
+
+def format_summary(metrics: dict[str, Any]) -> str:
+    """The one line a finished run prints (and a suite prints per run): test metric, OOD, gap, time."""
+    m = metrics["metric"]
+    ood = ", ".join(f"{s} {v[m]:.4f}" for s, v in metrics["ood"].items())
+    gap = metrics["gap_recovered"] if metrics["method"] != "student" else None
+    parts = [f"{metrics['task']} {metrics['method']} seed {metrics['seed']}: test {m} {metrics['test'][m]:.4f}",
+             f"OOD {ood}" if ood else "", f"gap recovered {gap:.2f}" if gap is not None else "",
+             f"best epoch {metrics['best_epoch']}", f"train {metrics['seconds']['train']:.1f}s"]
+    return " | ".join(p for p in parts if p)

@@ -44,11 +44,6 @@ def hash_arrays(arrays: Iterable[np.ndarray | torch.Tensor], n: int = 16) -> str
     return h.hexdigest()[:n]
 
 
-def hash_state_dict(state: dict[str, torch.Tensor], n: int = 16) -> str:
-    """Weights hash of a state dict, in key order."""
-    return hash_arrays([state[k] for k in sorted(state)], n) + stable_hash(sorted(state), 4)
-
-
 def file_hash(path: str | Path) -> str:
     """SHA-256 (16 hex digits) of a file's bytes, memoised by (path, size, mtime): weights are hashed once."""
     st = os.stat(path)

@@ -62,7 +62,7 @@ _TASKS: dict[str, Any] = {}
 def _task(cfg: RunConfig) -> Any:
     """The built task, memoised for the last task config (a suite validates one table many times)."""
     from fmtransfer.config import to_dict
-    from fmtransfer.run import build_task
+    from fmtransfer.runner import build_task
     from fmtransfer.utils import stable_hash
 
     key = stable_hash(to_dict(cfg.task))

@@ -3,7 +3,7 @@
 `FeatureStore.load` joins every shard into one array (fine for a task that fits in memory). A streamed
 task of 10^7+ rows instead reads rows through `ShardedRows`: a batch's row ids are grouped by shard,
 each shard is memory-mapped on first use and kept in a small LRU, and an evicted shard is unmapped.
-A batch plan that draws each batch from a few shards at a time (train/stream_plan.py) therefore keeps
+A batch plan that draws each batch from a few shards at a time (data/stream_plan.py) therefore keeps
 the resident pages bounded by `cache_shards` shards per field, whatever the row count.
 """
 

@@ -5,7 +5,7 @@ One table holds the MNIST train/val/test rows and every OOD suite as rows of its
   deterministically, at build time with `affine_grid`/`grid_sample`; bilinear, zero fill);
 - `sklearn`: scikit-learn's 1,797 8x8 digits (other writers, other scanning), each cropped to its
   bounding box, resized to fit 20x20 and placed in a 28x28 field by its centre of mass, the way MNIST
-  itself was made (the issue reports that plain upsampling to 28x28 put every model near chance).
+  itself was made (plain upsampling to 28x28 puts every model near chance: docs/digits.md).
 
 Every model reads the feature `image`: float (N, 1, 28, 28) in [0, 1], white digit on black. Foundation
 teachers upsample it themselves (teachers/image_fm.py). `variant: fashion` swaps MNIST for a stratified

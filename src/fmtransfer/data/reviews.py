@@ -147,7 +147,7 @@ _HASH_MEMO: dict[str, dict[str, torch.Tensor]] = {}
 
 
 def _cached_hash_views(texts: list[str], cfg: ReviewsConfig) -> dict[str, torch.Tensor]:
-    """`hash_views`, memoised in-process: a bench builds the same task once per run."""
+    """`hash_views`, memoised in-process: a suite builds the same task once per run."""
     key = stable_hash([stable_hash(texts, 32), cfg.word_ngrams, cfg.char_ngrams, cfg.max_tokens])
     if key not in _HASH_MEMO:
         _HASH_MEMO.clear()

@@ -36,10 +36,10 @@ from fmtransfer.cache.store import FeatureStore, FieldSpec
 from fmtransfer.config import TaskConfig, to_dict
 from fmtransfer.data.base import TaskData
 from fmtransfer.data.reviews import stable_ids, tokenize
+from fmtransfer.data.stream_plan import StreamPlan
 from fmtransfer.errors import ConfigError, DataError
 from fmtransfer.ranges import at_least
 from fmtransfer.registry import TASKS
-from fmtransfer.train.stream_plan import StreamPlan
 from fmtransfer.utils import atomic_write_json, stable_hash
 
 TRAIN, TRANSFER, VAL, TEST, NONE, OOD = 0, 1, 2, 3, 4, 5

@@ -37,6 +37,7 @@ class NgramConfig(ModelConfig):
     token_dropout: float = 0.0
     """While training, drop each n-gram of a row with this probability (a cheap augmentation)."""
     init_std: float = 0.1
+    """Standard deviation of the embedding table's normal initialisation (the padding row stays 0)."""
 
     def __post_init__(self) -> None:
         if self.buckets < 1 or self.dim < 1:

@@ -32,6 +32,7 @@ class FeatureModelConfig(ModelConfig):
     small_dim: int = 4
     """Embedding size of small categorical features and of multi-hot/dense vector views."""
     small_card: int = 100
+    """Categorical features with more values than this are large (`id_dim`, and `embed_l2` applies)."""
     hidden: list[int] = field(default_factory=lambda: [32])
     dropout: float = 0.0
     input_dropout: float = 0.0

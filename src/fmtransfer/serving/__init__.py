@@ -1,7 +1,7 @@
-"""Serving an exported student: its manifest, a loader free of training code, and the serving benchmark.
+"""Serving an exported student: its manifest, the file formats, and a loader free of training code.
 
 `from fmtransfer.serving import load_predictor` is all a server needs; `fmtransfer.export` writes the
-folders it reads, `fmtransfer.serving.bench` measures them against the FM teacher they replace.
+folders it reads, `fmtransfer.benchmarking.serve` measures them against the FM teacher they replace.
 """
 
 from fmtransfer.serving.loader import Predictor, load_predictor, load_student

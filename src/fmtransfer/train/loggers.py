@@ -1,4 +1,4 @@
-"""Optional per-epoch loggers beside log.jsonl: `train.loggers: [csv, tensorboard]`.
+"""DIR/log.jsonl (`JsonlLog`), and the optional per-epoch loggers beside it: `train.loggers: [csv, tensorboard]`.
 
 Each receives the loop's epoch entries (the dicts log.jsonl holds: epoch, train terms, val metrics, lr,
 best, seconds). `csv` writes DIR/metrics.csv (one row per epoch; a resumed run appends); `tensorboard`
@@ -9,11 +9,34 @@ writes DIR/tensorboard/ through torch's own SummaryWriter, which needs the `tens
 from __future__ import annotations
 
 import csv
+import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fmtransfer.errors import ConfigError
+
+
+class JsonlLog:
+    """DIR/log.jsonl: appends one JSON object per line (rank 0 only; `None` writes nothing)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+
+    def __call__(self, entry: dict[str, Any]) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"time": round(time.time(), 3), **entry}) + "\n")
+
+    def phase(self, name: str) -> JsonlLog:
+        parent = self
+
+        class _Phase(JsonlLog):
+            def __call__(self, entry: dict[str, Any]) -> None:
+                parent({"phase": name, **entry})
+
+        return _Phase(self.path)
 
 
 def flat(entry: dict[str, Any]) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""`fmtransfer bench` and `fmtransfer report`: run a suite of configs over seeds, tabulate mean +- std.
+"""`fmtransfer suite` (once called `bench`, still accepted) and `fmtransfer report`: run a suite of configs
+over seeds, tabulate mean +- std.
 
 A suite is YAML:
 
@@ -12,7 +13,7 @@ A suite is YAML:
         set: {method.teacher: fm}
 
 Runs land in OUT/<run name>/seed<k>/; a finished run (metrics.json present) is not run again, so an
-interrupted bench resumes. Teachers appear as their own rows, read from the runs' metrics.
+interrupted suite resumes. Teachers appear as their own rows, read from the runs' metrics.
 """
 
 from __future__ import annotations
@@ -80,9 +81,10 @@ def suite_configs(path: str | Path, seeds: list[int],
     return items
 
 
-def run_bench(suite: str | Path, seeds: int, out_dir: str | Path, overrides: list[str] | None = None) -> str:
+def run_suite(suite: str | Path, seeds: int, out_dir: str | Path, overrides: list[str] | None = None) -> str:
     """Run the suite, write OUT/results.json and OUT/results.md, and return the markdown table."""
-    from fmtransfer.run import format_summary, run_experiment
+    from fmtransfer.runfiles import format_summary
+    from fmtransfer.runner import run_experiment
 
     out = Path(out_dir)
     name, suite_runs = load_suite(suite)

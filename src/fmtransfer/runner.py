@@ -3,6 +3,9 @@
 DIR/config.yaml (resolved), DIR/log.jsonl, DIR/checkpoint.pt (every epoch), DIR/student.safetensors
 (the student alone, best validation epoch), DIR/preprocessing.json (the task's fitted encoders, where it
 records them) and DIR/metrics.json (written last: its presence means the run finished).
+
+The module is runner.py, not run.py: a submodule named `run`, once imported, would replace the package's
+`fmtransfer.run` function (the Python API's `ft.run(...)`).
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ import json
 import os
 import sys
 import time
-import types
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,43 +21,26 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from fmtransfer.config import RunConfig, dump_config, to_dict
+from fmtransfer.config import RunConfig, dump_config, run_config_hash, to_dict
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ConfigError
 from fmtransfer.evaluate import gap_recovered
 from fmtransfer.integrity import publish
 from fmtransfer.registry import METHODS, MODELS, TASKS
-from fmtransfer.runfiles import clean_run_dir, read_metrics, write_run_file, write_run_json
+from fmtransfer.runfiles import (
+    DEBUG_DUMP_ENV,
+    clean_run_dir,
+    format_summary,
+    read_metrics,
+    write_run_file,
+    write_run_json,
+)
 from fmtransfer.serving.manifest import PREPROCESSING_NAME
 from fmtransfer.teachers.base import PreparedTeacher, find_prepared, prepare_teacher
 from fmtransfer.train.distributed import DistContext, init_distributed, shutdown
-from fmtransfer.train.loggers import EpochLog
+from fmtransfer.train.loggers import EpochLog, JsonlLog
 from fmtransfer.train.loop import fit, predict_rows
 from fmtransfer.utils import atomic_write_json, count_params, seed_everything, stable_hash
-
-DEBUG_DUMP_ENV = "FMTRANSFER_DEBUG_DUMP_STATE"
-"""Tests set this to a folder: every rank writes its final trainable state there."""
-
-
-class JsonlLog:
-    """Appends one JSON object per line (rank 0 only)."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-
-    def __call__(self, entry: dict[str, Any]) -> None:
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"time": round(time.time(), 3), **entry}) + "\n")
-
-    def phase(self, name: str) -> JsonlLog:
-        parent = self
-
-        class _Phase(JsonlLog):
-            def __call__(self, entry: dict[str, Any]) -> None:
-                parent({"phase": name, **entry})
-
-        return _Phase(self.path)
 
 
 def build_task(cfg: RunConfig) -> TaskData:
@@ -171,7 +156,7 @@ def _run(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool,
          keep: dict[str, Any] | None = None) -> dict[str, Any]:
     apply_num_threads(cfg)
     seed_everything(cfg.seed)
-    config_hash = stable_hash(to_dict(cfg))
+    config_hash = run_config_hash(cfg)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         clean_run_dir(out)
@@ -243,7 +228,7 @@ def _run(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool,
     t_eval = time.perf_counter() - t_eval0
 
     metrics = _metrics(cfg, task, teachers, best, last, result, (n_student, n_trainable), ctx,
-                       {"cache": t_cache, "train": t_train, "eval": t_eval})
+                       {"cache": t_cache, "train": t_train, "eval": t_eval}) | {"config_hash": config_hash}
     metrics["shipped_model"] = {"class": f"{type(student).__module__}:{type(student).__qualname__}",
                                 "built_by": "method" if own_model else "student"}  # what export must rebuild
     if ref_note is not None:
@@ -311,28 +296,5 @@ def _metrics(cfg: RunConfig, task: TaskData, teachers: dict[str, PreparedTeacher
         "seconds": {k: round(v, 3) for k, v in seconds.items()} | {
             "teacher_prepare": round(sum(t.seconds for t in teachers.values()), 3)},
         "labels": {"train": len(task.splits["train"]), "transfer": len(task.splits.get("transfer", []))},
-        "world_size": ctx.world, "config_hash": stable_hash(to_dict(cfg)),
+        "world_size": ctx.world,
     }
-
-
-def format_summary(metrics: dict[str, Any]) -> str:
-    m = metrics["metric"]
-    ood = ", ".join(f"{s} {v[m]:.4f}" for s, v in metrics["ood"].items())
-    gap = metrics["gap_recovered"] if metrics["method"] != "student" else None
-    parts = [f"{metrics['task']} {metrics['method']} seed {metrics['seed']}: test {m} {metrics['test'][m]:.4f}",
-             f"OOD {ood}" if ood else "", f"gap recovered {gap:.2f}" if gap is not None else "",
-             f"best epoch {metrics['best_epoch']}", f"train {metrics['seconds']['train']:.1f}s"]
-    return " | ".join(p for p in parts if p)
-
-
-class _RunModule(types.ModuleType):
-    """`fmtransfer.run` is this module and, called, the Python API's `ft.run(...)` (fmtransfer.api.run): the
-    package exports a function `run`, and importing this submodule rebinds that name to the module."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from fmtransfer.api import run
-
-        return run(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _RunModule

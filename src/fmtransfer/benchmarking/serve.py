@@ -134,7 +134,7 @@ def serve_bench(run_dir: str | Path, export_dir: str | Path | None = None, cache
 
     `threads` applies to torch and onnxruntime alike. The default, 1, is one request per worker thread, the
     usual CPU serving setup; on a machine whose cores are busy, more threads make a tiny model wait for
-    cores (2 threads put the PyTorch student at 7.6 ms a request on our shared 2-core machine, 1 at 0.14 ms).
+    cores (docs/serving.md has the measurement).
     """
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -148,7 +148,7 @@ def serve_bench(run_dir: str | Path, export_dir: str | Path | None = None, cache
 def _serve_bench(run_dir: str | Path, export_dir: str | Path | None, cache_dir: str | Path | None, requests: int,
                  fm_requests: int, batch_size: int, batches: int, fm_batches: int, threads: int,
                  seed: int) -> dict[str, Any]:
-    from fmtransfer.run import build_task
+    from fmtransfer.runner import build_task
 
     machine = _machine(threads)
     run = open_finished_run(run_dir)
