@@ -66,12 +66,23 @@ def state_hash(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
+def _runner() -> Any:
+    """The run module (`runner`; `run` in trees before issue 17), so an older source tree can be hashed too."""
+    import importlib
+
+    try:
+        return importlib.import_module("fmtransfer.runner")
+    except ModuleNotFoundError:
+        return importlib.import_module("fmtransfer.run")
+
+
 def method_hashes(work: Path, bert: str) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     from fmtransfer.config import load_config
     from fmtransfer.registry import METHODS
-    from fmtransfer.runner import DEBUG_DUMP_ENV, run_experiment
+    runner = _runner()
+    DEBUG_DUMP_ENV, run_experiment = runner.DEBUG_DUMP_ENV, runner.run_experiment
 
     out: dict[str, Any] = {}
     for label, name, more in [(n, n, []) for n in METHODS.names()] + VARIANTS:
@@ -96,8 +107,9 @@ def method_hashes(work: Path, bert: str) -> dict[str, Any]:
 
 def recipe_hashes(work: Path, bert: str) -> dict[str, Any]:
     from fmtransfer.config import load_config
-    from fmtransfer.runner import build_task
     from fmtransfer.teachers.base import prepare_teacher
+
+    build_task = _runner().build_task
 
     out: dict[str, Any] = {}
     for recipe in RECIPES:

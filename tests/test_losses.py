@@ -127,3 +127,23 @@ def test_committee_and_pick_teacher() -> None:
     with pytest.raises(ConfigError, match="needs teachers"):
         committee(None, [], "multi_kd")
     assert pick_teacher(None, ["a", "b"], "kd") == "a" and pick_teacher("b", ["a", "b"], "kd") == "b"
+
+
+def test_diverse_distill_hint_and_mixture_terms_golden() -> None:
+    """DiverseDistill's per-row hint averages to FitNets' hint loss; the reliability target is the task loss
+    of the alpha-weighted teacher mixture."""
+    from fmtransfer.methods.dd_terms import mixture_task_loss, per_row_hint
+    from fmtransfer.methods.fitnet import hint_loss
+
+    s, t = torch.tensor([[1.0, 3.0], [0.0, 2.0]]), torch.tensor([[3.0, 1.0], [5.0, 9.0]])
+    # LN of a 2-vector is (-1, 1) or (1, -1) (up to eps): row 0 is opposite (MSE 4), row 1 aligned (0)
+    torch.testing.assert_close(per_row_hint(s, t), torch.tensor([4.0, 0.0]), atol=1e-4, rtol=0)
+    assert per_row_hint(s, t).mean().item() == pytest.approx(hint_loss(s, t).item(), rel=1e-6)
+    alpha = torch.tensor([[0.75, 0.25], [0.5, 0.5]])
+    reg = mixture_task_loss(alpha, [torch.tensor([4.0, 2.0]), torch.tensor([0.0, 4.0])],
+                            torch.tensor([2.0, 3.0]), "regression")
+    torch.testing.assert_close(reg, torch.tensor([1.0, 0.0]))  # mixes 3.0 (y 2) and 3.0 (y 3)
+    big = 30.0  # teacher 0 is sure of class 0, teacher 1 of class 1: the mixed probability of y is alpha[y]
+    logits = [torch.tensor([[big, 0.0], [big, 0.0]]), torch.tensor([[0.0, big], [0.0, big]])]
+    cls = mixture_task_loss(alpha, logits, torch.tensor([0, 1]), "classification")
+    torch.testing.assert_close(cls, -torch.log(torch.tensor([0.75, 0.5])), atol=1e-5, rtol=0)
