@@ -41,9 +41,10 @@ import torch
 
 from fmtransfer.config import RunConfig, load_config, to_dict
 from fmtransfer.data.base import TaskData
+from fmtransfer.methods.base import build_method
 from fmtransfer.models.fm_live import LiveTaps
-from fmtransfer.registry import METHODS, load_builtins
-from fmtransfer.runner import build_task
+from fmtransfer.registry import load_builtins
+from fmtransfer.runner import build_context, build_task
 from fmtransfer.train.batches import BatchPlan
 from fmtransfer.train.loop import make_batch
 
@@ -89,10 +90,8 @@ def config(task: str, method: str) -> RunConfig:
 
 
 def trainer(name: str, cfg: RunConfig, task: TaskData, device: torch.device) -> Trainer:
-    entry = METHODS.get(cfg.method.name)
     torch.manual_seed(cfg.seed)
-    student = entry.impl.build_model(cfg.method, cfg, task, device)
-    method = entry.impl(cfg.method, student, task, {})
+    method = build_method(cfg.method, task, {}, build_context(cfg, task, device))
     method.train()
     params = [p for p in method.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)

@@ -32,10 +32,13 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch
 
 from fmtransfer.config import RunConfig, load_config
-from fmtransfer.registry import METHODS, MODELS
-from fmtransfer.runner import JsonlLog, build_task, prepare_teachers
+from fmtransfer.methods.base import build_method
+from fmtransfer.registry import METHODS
+from fmtransfer.runner import JsonlLog, build_context, build_task, prepare_teachers
 from fmtransfer.train.distributed import DistContext
 from fmtransfer.train.loop import fit
+
+CPU = torch.device("cpu")
 
 REPO = Path(__file__).resolve().parents[1]
 METHOD_NAMES = ["student", "kd", "fitnet", "multi_kd", "ca_mkd", "diverse_distill", "talking"]
@@ -56,15 +59,12 @@ def configs(task: str, methods: list[str], overrides: list[str], teacher_epochs:
     return out
 
 
-def build_method(cfg: RunConfig, task, teachers):  # type: ignore[no-untyped-def]
+def method_for(cfg: RunConfig, task, teachers):  # type: ignore[no-untyped-def]
     """The method as `fmtransfer run` builds it (same seeds), with the teacher arrays its fit() reads."""
     entry = METHODS.get(cfg.method.name)
     needed = entry.impl.required_teachers(cfg.method, list(cfg.teachers))
     torch.manual_seed(cfg.seed)
-    student = entry.impl.build_model(cfg.method, cfg, task, torch.device("cpu"))
-    if student is None:
-        student = MODELS.get(cfg.student.name).impl(cfg.student, task)
-    method = entry.impl(cfg.method, student, task, {n: teachers[n] for n in needed})
+    method = build_method(cfg.method, task, {n: teachers[n] for n in needed}, build_context(cfg, task, CPU))
     kwargs = {"teacher_outputs": {n: teachers[n].outputs for n in needed},
               "teacher_reps": {n: teachers[n].reps for n in needed} if method.reads_reps else None,
               "uses_transfer": method.uses_transfer and len(task.splits.get("transfer", [])) > 0}
@@ -73,7 +73,7 @@ def build_method(cfg: RunConfig, task, teachers):  # type: ignore[no-untyped-def
 
 def epoch(cfg: RunConfig, task, teachers) -> tuple[float, float, int]:  # type: ignore[no-untyped-def]
     """(wall seconds, CPU seconds of this process, steps) of one epoch."""
-    method, kwargs = build_method(cfg, task, teachers)
+    method, kwargs = method_for(cfg, task, teachers)
     torch.manual_seed(cfg.seed)
     t0, c0 = time.perf_counter(), time.process_time()
     result = fit(method, task, cfg.train, seed=cfg.seed, ctx=DistContext(), desc=cfg.method.name, **kwargs)
@@ -84,7 +84,7 @@ def profile(cfg: RunConfig, task, teachers, rows: int = 25) -> str:  # type: ign
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    method, kwargs = build_method(cfg, task, teachers)
+    method, kwargs = method_for(cfg, task, teachers)
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         fit(method, task, cfg.train, seed=cfg.seed, ctx=DistContext(), desc=cfg.method.name, **kwargs)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)

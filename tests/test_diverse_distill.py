@@ -3,11 +3,13 @@ loss it weights), filtering skips and counts teacher pairs, equal importance kee
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fmtransfer.config import load_config
 from fmtransfer.errors import ConfigError
@@ -250,7 +252,7 @@ def test_pre_teacher_signal_lets_the_gate_trust_the_complementary_teacher_where_
 
 def test_per_teacher_temperature_and_foundation_warmup_golden() -> None:
     """kd = mean over rows of sum_k w_k KD_k at each teacher's own T; the warm-up zeroes the FM's weight."""
-    from fmtransfer.methods.ca_mkd import per_row_kd
+    from fmtransfer.methods.losses import per_row_kd
     method, batch = _strong_method("importance: equal, filter: false, teacher_temperature: {fm: 1.0}, "
                                    "foundation_warmup_steps: 4")
     method.train()
@@ -303,3 +305,73 @@ def test_teacher_logit_bias_shifts_weights_not_the_gates_regression() -> None:
     bias[fm] = 2.0
     assert torch.allclose(method.importance(z), torch.softmax(g + bias, -1), atol=1e-6)
     assert torch.allclose(plain.gate_scores(plain.student.body(batch)), g)  # same init: the bias is not in G
+
+
+def test_answer_hidden_and_target_tau_golden() -> None:
+    """`answer_hidden` is the answer MLPs' hidden width; the correctness gate target is softmax(-loss / target_tau)
+    (two teachers with losses 0 and 1 at target_tau 0.5: weights 1 / (1 + e^-2) and e^-2 / (1 + e^-2))."""
+    method, batch = _strong_method("gate_target: correctness, target_tau: 0.5, answer_hidden: 24")
+    assert all(a[0].out_features == 24 and a[2].in_features == 24 for a in method.answer)
+    z = method.student.body(batch).detach()
+    n = len(z)
+    t_loss = torch.tensor([0.0, 1.0]).expand(n, 2)
+    g = method.gate_scores(z)
+    w0 = 1.0 / (1.0 + math.exp(-2.0))
+    want = -(w0 * torch.log_softmax(g / method.c.tau, -1)[:, 0]
+             + (1 - w0) * torch.log_softmax(g / method.c.tau, -1)[:, 1]).mean()
+    got = method._gate_loss(z, t_loss, torch.zeros(n), torch.ones(n, 2, dtype=torch.bool))
+    torch.testing.assert_close(got, want)
+
+
+def test_reliability_gate_learns_the_teacher_that_fits_the_labels() -> None:
+    """`reliability`: the gate learns from the mixture's task loss on labeled rows, so it trusts the teacher
+    that is right (the gate reads only the gate loss: the terms it weights use alpha detached)."""
+    method, batch = _strong_method("gate_target: reliability, l_gate: 1.0, entropy_floor: 0.0, filter: false")
+    opt = torch.optim.Adam(method.gate.parameters(), lr=0.05)
+    method.train()
+    first = float(method(batch)["gate"])
+    for _ in range(80):
+        opt.zero_grad()
+        method(batch)["loss"].backward()
+        opt.step()
+    assert float(method(batch)["gate"]) < first
+    alpha = method.importance(method.student.body(batch)).detach()
+    assert alpha[:, method.names.index("fm")].mean() > 0.8  # fm is right on every row, wide on half
+
+
+def test_hint_term_is_off_by_default_and_weighs_each_teachers_fitnet_hint() -> None:
+    """l_hint 0 builds no projector (parameters and init unchanged); l_hint > 0 adds sum_k w_k hint_k."""
+    from fmtransfer.methods.dd_terms import per_row_hint
+    plain, batch = _strong_method("importance: equal, filter: false")
+    method, _ = _strong_method("importance: equal, filter: false, l_hint: 2.0")
+    assert not any(k.startswith("hint_proj") for k in plain.state_dict())
+    shared = {k: v for k, v in method.state_dict().items() if not k.startswith("hint_proj")}
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in shared.items())
+    z = method.student.body(batch)
+    expect = sum(0.5 * per_row_hint(method.hint_proj[k](z), batch[f"teacher_rep:{n}"])
+                 for k, n in enumerate(method.names)).mean()
+    out, base = method(batch), plain(batch)
+    assert torch.allclose(out["hint"], expect, atol=1e-6)
+    assert torch.allclose(out["loss"], base["loss"] + 2.0 * expect, atol=1e-5)
+
+
+def test_confidence_gate_trusts_the_teacher_that_is_sure_on_the_row() -> None:
+    """`confidence`: G regresses each teacher's negative entropy (label-free), so with the wide teacher's own
+    outputs as a signal it learns to weigh wide down exactly on the rows where wide is unsure (odd rows)."""
+    method, batch = _strong_method("gate_target: confidence, gate_signals: [pre_teachers], l_gate: 1.0, "
+                                   "entropy_floor: 0.0, filter: false")
+    opt = torch.optim.Adam(method.gate.parameters(), lr=0.05)
+    method.train()
+    for _ in range(150):
+        opt.zero_grad()
+        method(batch)["loss"].backward()
+        opt.step()
+    z = method.student.body(batch)
+    extra = method.gate_extra(method.student.head(z) + method.student.offset(batch), batch)
+    alpha = method.importance(z, extra).detach()
+    odd, wide = batch["row"] % 2 == 1, method.names.index("wide")
+    neg_h = torch.stack([(F.softmax(batch[f"teacher:{n}"], -1) * F.log_softmax(batch[f"teacher:{n}"], -1)).sum(-1)
+                         for n in method.names], -1)
+    expect = torch.softmax(neg_h, -1)[:, wide]  # alpha = softmax(-entropy): 0.5 on even rows, ~0.34 on odd
+    assert abs(float(alpha[~odd, wide].mean() - expect[~odd].mean())) < 0.03
+    assert abs(float(alpha[odd, wide].mean() - expect[odd].mean())) < 0.03 and float(expect[odd].mean()) < 0.4

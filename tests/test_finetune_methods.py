@@ -12,7 +12,7 @@ import torch
 from fmtransfer.config import load_config
 from fmtransfer.errors import ConfigError
 from fmtransfer.registry import METHODS
-from fmtransfer.runner import build_task, run_experiment
+from fmtransfer.runner import build_context, build_task, run_experiment
 from tests.conftest import tiny_raw
 
 CPU = torch.device("cpu")
@@ -27,10 +27,11 @@ def _cfg(tiny_bert: str, tmp_path: Path, method: dict[str, Any], **train: Any): 
 
 
 def _build(name: str, tiny_bert: str, tmp_path: Path, **method: Any):  # type: ignore[no-untyped-def]
+    """(config, task, the method's Built: model + build info)."""
     cfg = _cfg(tiny_bert, tmp_path, {"name": name, **method})
     task = build_task(cfg)
     torch.manual_seed(0)
-    return cfg, task, METHODS.get(name).impl.build_model(cfg.method, cfg, task, CPU)
+    return cfg, task, METHODS.get(name).impl.build_model(cfg.method, build_context(cfg, task, CPU), task)
 
 
 def test_methods_registered() -> None:
@@ -41,12 +42,12 @@ def test_methods_registered() -> None:
 def test_lp_ft_probe_stage_leaves_backbone_unchanged(solver: str, tiny_bert: str, tmp_path: Path) -> None:
     from fmtransfer.backbones.text import load_encoder
 
-    _, _, model = _build("lp_ft", tiny_bert, tmp_path, probe_solver=solver)
+    _, _, built = _build("lp_ft", tiny_bert, tmp_path, probe_solver=solver)
     _, fresh = load_encoder(tiny_bert)
-    trained = model.encoder.state_dict()
+    trained = built.model.encoder.state_dict()
     for k, v in fresh.state_dict().items():
         assert torch.equal(trained[k], v), k
-    info = model.build_info
+    info = built.info
     assert info["probe_solver"] == solver and 0.0 <= info["probe_val"] <= 1.0
     if solver == "lbfgs":  # the L2 strength kept is one of the grid's, chosen on validation
         assert info["probe_l2"] in (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -59,8 +60,9 @@ def test_lp_ft_probe_stage_leaves_backbone_unchanged(solver: str, tiny_bert: str
 def test_wise_ft_interpolation_endpoints_are_exact(tiny_bert: str, tmp_path: Path) -> None:
     from fmtransfer.methods.wise_ft import interpolate
 
-    _, _, model = _build("wise_ft", tiny_bert, tmp_path)
-    theta0 = {k: v.clone() for k, v in model.state_dict().items()}
+    _, _, built = _build("wise_ft", tiny_bert, tmp_path)
+    theta0 = {k: v.clone() for k, v in built.model.state_dict().items()}
+    assert all(torch.equal(theta0[k], v) for k, v in built.extras["theta0"].items())  # what WiseFT starts from
     theta1 = {k: v + 0.1 * torch.randn_like(v) if v.is_floating_point() else v.clone() for k, v in theta0.items()}
     for alpha, want in ((0.0, theta0), (1.0, theta1)):
         got = interpolate(theta0, theta1, alpha)
@@ -71,12 +73,12 @@ def test_wise_ft_interpolation_endpoints_are_exact(tiny_bert: str, tmp_path: Pat
 
 
 def test_lora_trains_only_adapters_and_head(tiny_bert: str, tmp_path: Path) -> None:
-    _, _, model = _build("lora", tiny_bert, tmp_path, rank=4)
-    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    _, _, built = _build("lora", tiny_bert, tmp_path, rank=4)
+    trainable = {n: p.numel() for n, p in built.model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or n.startswith("out.") for n in trainable)
     # 2 layers x (query, key, value) x (A: 16 -> 4, B: 4 -> 16) + the 16 -> 2 head
     assert sum(trainable.values()) == 2 * 3 * (16 * 4 + 4 * 16) + (16 * 2 + 2)
-    assert model.build_info["lora_modules"] == 6
+    assert built.info["lora_modules"] == 6
 
 
 def test_lora_rejects_unknown_targets(tiny_bert: str, tmp_path: Path) -> None:
@@ -118,7 +120,8 @@ def test_method_runs_end_to_end(name: str, tiny_bert: str, tmp_path: Path) -> No
 def test_wise_ft_needs_the_planned_steps(tiny_bert: str, tmp_path: Path) -> None:
     cfg = _cfg(tiny_bert, tmp_path, {"name": "wise_ft"}, patience=1)
     with pytest.raises(ConfigError, match="patience"):
-        METHODS.get("wise_ft").impl.build_model(cfg.method, cfg, build_task(cfg), CPU)
+        task = build_task(cfg)
+        METHODS.get("wise_ft").impl.build_model(cfg.method, build_context(cfg, task, CPU), task)
 
 
 _HAVE_IMAGE = all(importlib.util.find_spec(p) for p in ("mlxtend", "efficientnet_lite_pytorch",
@@ -134,7 +137,7 @@ def test_lora_on_efficientnet_adapts_pointwise_convs(tmp_path: Path) -> None:
                    student={"name": "cnn"}, teachers={}, method={"name": "lora", "resolution": 32, "rank": 2})
     cfg = load_config(raw=raw, overrides=[f"cache_dir={tmp_path}"])
     data = build_task(cfg)
-    model = Lora.build_model(cfg.method, cfg, data, CPU)
+    model = Lora.build_model(cfg.method, build_context(cfg, data, CPU), data).model
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n or n.startswith("out.") for n in trainable)
     model.train()
@@ -143,11 +146,12 @@ def test_lora_on_efficientnet_adapts_pointwise_convs(tmp_path: Path) -> None:
     assert out.shape == (4, 10)
     raw["method"]["target_modules"] = ["_depthwise_conv"]
     with pytest.raises(ConfigError, match="1x1"):
-        Lora.build_model(load_config(raw=raw).method, cfg, data, CPU)
+        Lora.build_model(load_config(raw=raw).method, build_context(cfg, data, CPU), data)
 
 
 def test_eval_cache_follows_the_encoder_weights(tiny_bert: str, tmp_path: Path) -> None:
-    _, task, model = _build("finetune", tiny_bert, tmp_path)
+    _, task, built = _build("finetune", tiny_bert, tmp_path)
+    model = built.model
     calls = []
     model.encoder.register_forward_hook(lambda *_: calls.append(1))
     rows = task.splits["val"]

@@ -44,14 +44,7 @@ NEVER: dict[str, tuple[str, ...]] = {
 training code (tests/test_serving_rows.py checks the same in a subprocess), and the training side does
 not reach into it either: only the runner, export and the tools above them import both."""
 
-PENDING: set[tuple[str, str]] = {
-    # issue 17, branch i17b (shared method pieces out of sibling method files)
-    ("methods.ca_mkd", "methods.multi_kd"), ("methods.diverse_distill", "methods.ca_mkd"),
-    ("methods.diverse_distill", "methods.multi_kd"), ("methods.ensemble", "methods.linear_probe"),
-    ("methods.levi", "methods.linear_probe"), ("methods.lora", "methods.finetune"), ("methods.lora", "methods.lp_ft"),
-    ("methods.lp_ft", "methods.finetune"), ("methods.mlp_probe", "methods.linear_probe"),
-    ("methods.wise_ft", "methods.finetune"), ("methods.wise_ft", "methods.lp_ft"),
-}
+PENDING: set[tuple[str, str]] = set()
 """Edges that other branches of issue 17 are removing: every rule here skips them until then. The lead
 empties this after merging those branches; an edge listed here that the code no longer has fails
 `test_pending_edges_still_exist`, so the list only shrinks."""

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from fmtransfer.config import load_config
 from fmtransfer.errors import ConfigError
-from fmtransfer.registry import METHODS
-from fmtransfer.runner import build_task, run_experiment
+from fmtransfer.methods.base import build_method
+from fmtransfer.runner import build_context, build_task, run_experiment
 from tests.conftest import TINY
 
 FAST = ["train.epochs=2", "train.num_threads=1", "train.steps_per_epoch=4", "method.latency_rows=16",
@@ -28,10 +28,8 @@ def _cfg(tmp: Path, bert: str, method: str, *extra: str):  # type: ignore[no-unt
 
 
 def _method(cfg, task):  # type: ignore[no-untyped-def]
-    entry = METHODS.get(cfg.method.name)
     torch.manual_seed(0)
-    model = entry.impl.build_model(cfg.method, cfg, task, torch.device("cpu"))
-    return entry.impl(cfg.method, model, task, {})
+    return build_method(cfg.method, task, {}, build_context(cfg, task, torch.device("cpu")))
 
 
 def test_layerwise_loss_golden_value() -> None:
@@ -267,7 +265,7 @@ def test_lora_run_end_to_end_and_reload(tiny_bert: str, tmp_path: Path) -> None:
     preds = []
     for seed in (1, 2):  # fresh adapters and layers each time: only the loaded weights decide
         torch.manual_seed(seed)
-        model = LEVI.build_model(cfg.method, cfg, task, torch.device("cpu"))
+        model = LEVI.build_model(cfg.method, build_context(cfg, task, torch.device("cpu")), task).model
         model.load_state_dict(saved, strict=True)
         preds.append(predict_rows(model.eval(), task, rows, 64, torch.device("cpu")))
     torch.testing.assert_close(preds[0], preds[1], rtol=0, atol=0)
@@ -348,7 +346,7 @@ def test_tune_backbone_trains_every_backbone_weight_at_its_own_lr(tiny_bert: str
     word = "taps.live.net.embeddings.word_embeddings.weight"
     assert word in saved and not torch.equal(saved[word], net.embeddings.word_embeddings.weight.detach())
     torch.manual_seed(3)  # a fresh model (package weights, new layers): only the loaded weights decide
-    fresh = LEVI.build_model(cfg.method, cfg, task, torch.device("cpu"))
+    fresh = LEVI.build_model(cfg.method, build_context(cfg, task, torch.device("cpu")), task).model
     fresh.load_state_dict(saved, strict=True)
     rows = task.splits["test"]
     pred = predict_rows(fresh.eval(), task, rows, 64, torch.device("cpu"))

@@ -57,7 +57,8 @@ def test_masked_task_loss_without_labels_is_zero_but_connected() -> None:
 
 
 def test_ca_mkd_weights_golden() -> None:
-    from fmtransfer.methods.ca_mkd import per_row_kd, teacher_weights
+    from fmtransfer.methods.ca_mkd import teacher_weights
+    from fmtransfer.methods.losses import per_row_kd
 
     # two teachers, one labeled row of class 0: p_A(0) = 3/4, p_B(0) = 1/4 -> weights 3/4, 1/4 at tau 1
     a = torch.tensor([[math.log(3.0), 0.0]])
@@ -86,3 +87,63 @@ def test_hint_loss_golden() -> None:
     assert hint_loss(s, t, normalize=False).item() == pytest.approx(0.5)
     # layer-normed: scale and shift of the teacher do not matter
     assert hint_loss(s, 100 * s + 7, normalize=True).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_per_row_kd_golden() -> None:
+    from fmtransfer.methods.losses import per_row_kd
+
+    # row 0: the kd_logits golden row (T = 1); row 1: equal logits, KL 0; regression: squared error per row
+    s = torch.tensor([[0.0, 0.0], [1.0, 2.0]])
+    t = torch.tensor([[math.log(3.0), 0.0], [1.0, 2.0]])
+    per = per_row_kd(s, t, "classification", 1.0)
+    expected = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    assert per[0].item() == pytest.approx(expected, rel=1e-6) and per[1].item() == pytest.approx(0.0, abs=1e-7)
+    # T = 2 on logits scaled by 2: the same distributions, times T^2 = 4
+    assert per_row_kd(2 * s, 2 * t, "classification", 2.0)[0].item() == pytest.approx(4 * expected, rel=1e-6)
+    reg = per_row_kd(torch.tensor([1.0, 2.0, 4.0]), torch.tensor([1.5, 2.0, 3.0]), "regression", 4.0)
+    torch.testing.assert_close(reg, torch.tensor([0.25, 0.0, 1.0]))
+
+
+def test_masked_mean_golden() -> None:
+    from fmtransfer.methods.losses import masked_mean
+
+    v = torch.tensor([[1.0, 2.0], [3.0, 10.0]])
+    assert masked_mean(v, torch.tensor([[True, False], [True, True]])).item() == pytest.approx(14.0 / 3)
+    assert masked_mean(v, torch.tensor([[1.0, 0.0], [0.0, 1.0]])).item() == pytest.approx(5.5)  # a float mask
+    empty = masked_mean(v.requires_grad_(), torch.zeros(2, 2, dtype=torch.bool))  # no entry: exactly 0
+    assert empty.item() == 0.0
+    empty.backward()
+    assert v.grad is not None and torch.all(v.grad == 0)
+
+
+def test_committee_and_pick_teacher() -> None:
+    from fmtransfer.errors import ConfigError
+    from fmtransfer.methods.base import committee, pick_teacher
+
+    assert committee(None, ["a", "b"], "multi_kd") == ["a", "b"]
+    assert committee(["b", "b", "a"], ["a", "b"], "multi_kd") == ["b", "a"]  # duplicates dropped, order kept
+    with pytest.raises(ConfigError, match=r"method.teachers: 'c' is not a configured teacher"):
+        committee(["c"], ["a", "b"], "multi_kd")
+    with pytest.raises(ConfigError, match="needs teachers"):
+        committee(None, [], "multi_kd")
+    assert pick_teacher(None, ["a", "b"], "kd") == "a" and pick_teacher("b", ["a", "b"], "kd") == "b"
+
+
+def test_diverse_distill_hint_and_mixture_terms_golden() -> None:
+    """DiverseDistill's per-row hint averages to FitNets' hint loss; the reliability target is the task loss
+    of the alpha-weighted teacher mixture."""
+    from fmtransfer.methods.dd_terms import mixture_task_loss, per_row_hint
+    from fmtransfer.methods.fitnet import hint_loss
+
+    s, t = torch.tensor([[1.0, 3.0], [0.0, 2.0]]), torch.tensor([[3.0, 1.0], [5.0, 9.0]])
+    # LN of a 2-vector is (-1, 1) or (1, -1) (up to eps): row 0 is opposite (MSE 4), row 1 aligned (0)
+    torch.testing.assert_close(per_row_hint(s, t), torch.tensor([4.0, 0.0]), atol=1e-4, rtol=0)
+    assert per_row_hint(s, t).mean().item() == pytest.approx(hint_loss(s, t).item(), rel=1e-6)
+    alpha = torch.tensor([[0.75, 0.25], [0.5, 0.5]])
+    reg = mixture_task_loss(alpha, [torch.tensor([4.0, 2.0]), torch.tensor([0.0, 4.0])],
+                            torch.tensor([2.0, 3.0]), "regression")
+    torch.testing.assert_close(reg, torch.tensor([1.0, 0.0]))  # mixes 3.0 (y 2) and 3.0 (y 3)
+    big = 30.0  # teacher 0 is sure of class 0, teacher 1 of class 1: the mixed probability of y is alpha[y]
+    logits = [torch.tensor([[big, 0.0], [big, 0.0]]), torch.tensor([[0.0, big], [0.0, big]])]
+    cls = mixture_task_loss(alpha, logits, torch.tensor([0, 1]), "classification")
+    torch.testing.assert_close(cls, -torch.log(torch.tensor([0.75, 0.5])), atol=1e-5, rtol=0)

@@ -49,3 +49,44 @@ def test_baseline_recipe_prepares_a_teacher(recipe: str, tiny_bert: str, tmp_pat
     if recipe == "wise_ft":  # a KD student learns from the prepared teacher (one recipe: the others are alike)
         m = run_experiment(cfg, tmp_path / "kd", quiet=True)
         assert m["teachers"]["fm"]["recipe"] == "wise_ft" and m["teachers"]["fm"]["from_cache"]
+
+
+def test_renamed_recipe_keeps_its_fingerprint_and_old_name(tiny_bert: str, tmp_path: Path) -> None:
+    """`text_finetune` is the text recipe once called `finetune`: both names load the same config class and
+    hash the same (artifacts prepared under the old name stay valid)."""
+    from fmtransfer.registry import RECIPES
+    from fmtransfer.teachers.base import teacher_fingerprint
+
+    fps = []
+    for name in ("finetune", "text_finetune"):
+        t = {"recipe": name, "encoder": tiny_bert, "train": TRAIN}
+        cfg = load_config(TINY, [f"cache_dir={tmp_path}", f"teachers.fm={json.dumps(t)}"])
+        assert type(cfg.teachers["fm"]) is RECIPES.get("text_finetune").config_cls
+        fps.append(teacher_fingerprint("fm", cfg.teachers["fm"], build_task(cfg), 0))
+    assert fps[0] == fps[1]
+    assert "finetune" not in RECIPES.names() and RECIPES.first_name("text_finetune") == "finetune"
+
+
+def test_method_recipe_config_checks(tiny_bert: str) -> None:
+    from fmtransfer.errors import ConfigError
+
+    small = {"name": "mlp", "hidden": [8]}
+    with pytest.raises(ConfigError, match=r"teachers.fm: small: recipe lp_ft's method holds no small model"):
+        load_config(TINY, [f"teachers.fm={json.dumps({'recipe': 'lp_ft', 'small': small})}"])
+    with pytest.raises(ConfigError, match=r"teachers.fm.method.rank: unknown key"):  # lp_ft's options only
+        load_config(TINY, [f"teachers.fm={json.dumps({'recipe': 'lp_ft', 'method': {'rank': 2}})}"])
+    cfg = load_config(TINY, [f"teachers.fm={json.dumps({'recipe': 'levi', 'small': small})}"])
+    assert cfg.teachers["fm"].method.name == "levi" and cfg.teachers["fm"].small.name == "mlp"
+
+
+def test_method_recipe_configs_round_trip() -> None:
+    """A run folder's config.yaml (dump_config) loads back to the same teacher configs (export reads it)."""
+    import yaml
+
+    from fmtransfer.config import dump_config
+    from fmtransfer.teachers.method_recipes import METHOD_RECIPES
+
+    teachers = {f"t_{r}": {"recipe": r} for r in METHOD_RECIPES}
+    cfg = load_config(TINY, [f"teachers={json.dumps(teachers)}"])
+    again = load_config(raw=yaml.safe_load(dump_config(cfg)))
+    assert again.teachers == cfg.teachers

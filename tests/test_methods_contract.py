@@ -9,12 +9,14 @@ import pytest
 import torch
 
 from fmtransfer.config import load_config
-from fmtransfer.registry import METHODS, MODELS
-from fmtransfer.runner import build_task, prepare_teachers
+from fmtransfer.methods.base import build_method
+from fmtransfer.registry import METHODS
+from fmtransfer.runner import build_context, build_task, prepare_teachers
 from fmtransfer.train.distributed import DistContext
 from fmtransfer.train.loop import make_batch
 from tests.conftest import TINY
 
+CPU = torch.device("cpu")
 SECOND_TEACHER = ["teachers.deep={recipe: supervised, model: {name: mlp, hidden: [32, 32]}, "
                   "train: {epochs: 2, batch_size: 32, steps_per_epoch: 5}}"]
 
@@ -41,9 +43,7 @@ def test_method_contract(name: str, setup, tiny_bert: str) -> None:  # type: ign
     needed = entry.impl.required_teachers(cfg.method, list(cfg.teachers))
     torch.manual_seed(0)
     # methods that train their own model around the FM (LEVI, probes, fine-tuning) build it themselves
-    student = entry.impl.build_model(cfg.method, cfg, task, torch.device("cpu")) or \
-        MODELS.get(cfg.student.name).impl(cfg.student, task)
-    method = entry.impl(cfg.method, student, task, {n: teachers[n] for n in needed})
+    method = build_method(cfg.method, task, {n: teachers[n] for n in needed}, build_context(cfg, task, CPU))
     outputs = {n: teachers[n].outputs for n in needed}
     reps = {n: teachers[n].reps for n in needed} if method.reads_reps else None
     rows = torch.cat([task.splits["train"][:8], task.splits["transfer"][:8]])
@@ -86,3 +86,36 @@ def test_kd_reads_the_teacher_it_names(setup, tmp_path: Path) -> None:  # type: 
 
     with pytest.raises(ConfigError, match="method.teacher: 'fm' is not a configured teacher"):
         KD.required_teachers(load_config(TINY, ["method.teacher=fm"]).method, list(cfg.teachers))
+
+
+def test_every_hook_the_loop_and_run_call_is_declared_on_method() -> None:
+    """The loop and run.py call these on any method without probing for them (methods/base.py declares each)."""
+    import ast
+    import inspect
+
+    from fmtransfer import run
+    from fmtransfer.methods.base import Method
+    from fmtransfer.train import loop
+
+    hooks = {"required_teachers", "build_model", "losses", "predict", "lr_scales", "on_epoch_end", "diagnostics",
+             "report"}
+    assert all(callable(getattr(Method, h, None)) for h in hooks)
+    for module in (loop, run):
+        src = inspect.getsource(module)
+        probes = [n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+                  and n.func.id in ("getattr", "hasattr") and len(n.args) > 1 and isinstance(n.args[0], ast.Name)
+                  and n.args[0].id == "method"]
+        assert not probes, f"{module.__name__} probes a method hook with getattr/hasattr"
+
+
+def test_no_method_module_imports_another() -> None:
+    """Shared pieces live in methods/base.py, losses.py, fm_base.py, finetune_base.py and messages.py; a
+    registered method's module never imports another's."""
+    import ast
+    import sys
+
+    modules = {e.impl.__module__ for e in (METHODS.get(n) for n in METHODS.names())}
+    for mod in modules:
+        tree = ast.parse(Path(sys.modules[mod].__file__).read_text())  # type: ignore[arg-type]
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not (imported & (modules - {mod})), f"{mod} imports {imported & modules}"

@@ -166,3 +166,31 @@ def test_synthetic_questions_are_unlabeled_rows_with_live_teacher_targets(setup)
         live = method.teacher({k: v[16:] for k, v in full.items()})
     torch.testing.assert_close(full["teacher:wide"][16:], live)
     method(batch)["loss"].backward()
+
+
+def test_messages_at_named_modules(setup) -> None:  # type: ignore[no-untyped-def]
+    """student_question / student_inject / teacher_answer at a module path instead of `body`: the codecs take
+    those states' widths, the answer changes the student's output through a second pass, gradients flow."""
+    method, batch = make_method(setup, "method.student_question=trunk.0", "method.student_inject=trunk.0",
+                                "method.teacher_answer=trunk.0")
+    paths = method.diagnostics()["paths"]
+    assert paths == {"student_question": "trunk.0", "student_inject": "trunk.0", "teacher_inject": "trunk.0",
+                     "teacher_answer": "trunk.0"}
+    assert method.dim_g == {"trunk.0": 16} and method.dim_h == {"trunk.0": 64}  # the tiny student's / wide's widths
+    talk = method.converse(batch)
+    assert not torch.allclose(talk["rounds"][0]["y_tilde"], talk["pred"])
+    method(batch)["loss"].backward()
+    assert method.codec_g.enc["16"][0].weight.grad.abs().sum() > 0
+    assert method.codec_h.enc["64"][0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("target", ["injected", "decoded"])
+def test_state_target_golden(setup, target: str) -> None:  # type: ignore[no-untyped-def]
+    """w_state pulls s toward sg(s + D_g(r)) (injected: the term is mean(D_g(r)^2)) or sg(D_g(r)) (decoded)."""
+    method, batch = make_method(setup, f"method.state_target={target}", "method.w_state=1")
+    method.eval()
+    with torch.no_grad():
+        talk = method.converse(batch)
+        s, answer = talk["states"][BODY], talk["rounds"][0]["answer"]
+        want = (answer ** 2).mean() if target == "injected" else ((s - answer) ** 2).mean()
+        torch.testing.assert_close(method(batch)["state"], want)

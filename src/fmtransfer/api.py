@@ -160,10 +160,11 @@ def _reload(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     from fmtransfer.registry import METHODS, MODELS
-    from fmtransfer.runner import build_task
+    from fmtransfer.runner import build_context, build_task
 
     task = build_task(cfg)
-    if METHODS.get(cfg.method.name).impl.build_model(cfg.method, cfg, task, torch.device("cpu")) is not None:
+    if METHODS.get(cfg.method.name).impl.build_model(cfg.method, build_context(cfg, task, torch.device("cpu")),
+                                                  task) is not None:
         raise ConfigError(f"{out_dir}: method {cfg.method.name} ships its own model; run it again to get it back")
     student = MODELS.get(cfg.student.name).impl(cfg.student, task)
     student.load_state_dict(load_file(str(out_dir / "student.safetensors")))

@@ -63,9 +63,11 @@ def build_own_model(run: Any, task: TaskData) -> nn.Module:
     from fmtransfer.models.fm_heads import FMModel
     from fmtransfer.models.image_heads import FinetuneImageModel
     from fmtransfer.registry import METHODS
+    from fmtransfer.runner import build_context
 
     name = run.cfg.method.name
-    model = METHODS.get(name).impl.build_model(run.cfg.method, run.cfg, task, torch.device("cpu"))
+    built = METHODS.get(name).impl.build_model(run.cfg.method, build_context(run.cfg, task, torch.device("cpu")), task)
+    model = built.model if built is not None else None
     if isinstance(model, (TextFinetuneModel, FinetuneImageModel)):
         return _load(model, run, name)
     if not isinstance(model, FMModel):

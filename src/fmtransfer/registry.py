@@ -34,6 +34,7 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._entries: dict[str, Entry[T]] = {}
+        self._aliases: dict[str, str] = {}
 
     def register(self, name: str, config_cls: type, impl: T | None = None) -> Any:
         """Register `impl` under `name`; usable directly or as a class/function decorator."""
@@ -50,8 +51,21 @@ class Registry(Generic[T]):
             return _add(impl)
         return _add
 
+    def alias(self, old: str, new: str) -> None:
+        """Accept `old`, a component's former name, for `new`: configs written before a rename keep working."""
+        if old in self._entries:
+            raise ValueError(f"{self.kind} alias {old!r} is a registered name")
+        self._aliases[old] = new
+
+    def first_name(self, name: str) -> str:
+        """The name `name` (or the component it is an alias of) was first registered under; what fingerprints
+        hash, so that renaming a component keeps the artifacts prepared under its old name valid."""
+        canonical = self._aliases.get(name, name)
+        return next((old for old, new in self._aliases.items() if new == canonical), canonical)
+
     def get(self, name: str) -> Entry[T]:
         load_builtins()
+        name = self._aliases.get(name, name)
         if name not in self._entries:
             raise ConfigError(f"unknown {self.kind} {name!r}{did_you_mean(name, self.names())} "
                               f"(allowed: {', '.join(self.names())})")
@@ -63,7 +77,7 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: str) -> bool:
         load_builtins()
-        return name in self._entries
+        return self._aliases.get(name, name) in self._entries
 
 
 TASKS: Registry[Callable[..., Any]] = Registry("task")

@@ -26,7 +26,8 @@ from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ConfigError
 from fmtransfer.evaluate import gap_recovered
 from fmtransfer.integrity import publish
-from fmtransfer.registry import METHODS, MODELS, TASKS
+from fmtransfer.methods.base import BuildContext, build_method
+from fmtransfer.registry import METHODS, TASKS
 from fmtransfer.runfiles import (
     DEBUG_DUMP_ENV,
     clean_run_dir,
@@ -39,12 +40,20 @@ from fmtransfer.serving.manifest import PREPROCESSING_NAME
 from fmtransfer.teachers.base import PreparedTeacher, find_prepared, prepare_teacher
 from fmtransfer.train.distributed import DistContext, init_distributed, shutdown
 from fmtransfer.train.loggers import EpochLog, JsonlLog
-from fmtransfer.train.loop import fit, predict_rows
+from fmtransfer.train.loop import fit, planned_steps, predict_rows
 from fmtransfer.utils import atomic_write_json, count_params, seed_everything, stable_hash
 
 
 def build_task(cfg: RunConfig) -> TaskData:
     return TASKS.get(cfg.task.name).impl(cfg.task)
+
+
+def build_context(cfg: RunConfig, task: TaskData, device: torch.device) -> BuildContext:
+    """What the run's method may read while it builds its model (methods/base.py), from the run config."""
+    uses_transfer = METHODS.get(cfg.method.name).impl.uses_transfer and len(task.splits.get("transfer", [])) > 0
+    return BuildContext(cache_dir=Path(cfg.cache_dir), seed=cfg.seed, device=device, small=cfg.student,
+                        planned_steps=planned_steps(task, cfg.train, uses_transfer),
+                        eval_batch_size=cfg.train.eval_batch_size)
 
 
 def _reference_key(cfg: RunConfig, task: TaskData) -> str:
@@ -184,16 +193,13 @@ def _run(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool,
     t_cache = time.perf_counter() - t_start
 
     torch.manual_seed(cfg.seed)  # the student's init must not depend on whether teachers came from the cache
-    student = method_entry.impl.build_model(cfg.method, cfg, task, ctx.device)
-    own_model = student is not None  # LEVI, probes, fine-tuning: the FM is part of the shipped model
-    if student is None:
-        student = MODELS.get(cfg.student.name).impl(cfg.student, task)
+    method = build_method(cfg.method, task, {n: teachers[n] for n in needed}, build_context(cfg, task, ctx.device))
+    student, own_model = method.student, method.own_model  # own: LEVI, probes, fine-tuning (the FM is shipped)
     n_student, n_trainable = count_params(student), count_params(student, trainable_only=True)
     for t in ([] if own_model else teachers.values()):
         if t.kind == "foundation" and n_student > t.params / 10:
             warnings.warn(f"student has {n_student:,} parameters, more than a tenth of foundation teacher "
                           f"{t.name!r} ({t.params:,})", stacklevel=1)
-    method = method_entry.impl(cfg.method, student, task, {n: teachers[n] for n in needed})
     uses_transfer = method.uses_transfer and len(task.splits.get("transfer", [])) > 0
     torch.manual_seed(cfg.seed)
     t_train0 = time.perf_counter()
@@ -206,7 +212,7 @@ def _run(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool,
     if epoch_log is not None:  # (a failed fit leaves the loggers' files as written so far)
         epoch_log.close()
     t_train = time.perf_counter() - t_train0
-    diagnostics = method.diagnostics() if hasattr(method, "diagnostics") else None  # over the whole training
+    diagnostics = method.diagnostics()  # over the whole training
     dump = os.environ.get(DEBUG_DUMP_ENV)
     if dump:  # tests compare every rank's final weights (DDP must keep them identical)
         Path(dump).mkdir(parents=True, exist_ok=True)
@@ -223,8 +229,7 @@ def _run(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool,
     best = _evaluate(method, task, cfg.train.eval_batch_size, ctx.device)
     if same:
         last = best
-    report = method.report(task, result.history, out, ctx.device) if hasattr(method, "report") and ctx.is_main \
-        else None
+    report = method.report(task, result.history, out, ctx.device) if ctx.is_main else None
     t_eval = time.perf_counter() - t_eval0
 
     metrics = _metrics(cfg, task, teachers, best, last, result, (n_student, n_trainable), ctx,
@@ -235,9 +240,9 @@ def _run(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool,
         metrics["reference"]["note"] = ref_note
     if keep is not None:
         keep.update(method=method, student=student, task=task)
-    if diagnostics is not None or report:
-        metrics["method_diagnostics"] = (diagnostics or {}) | (report or {})
-        metrics["teacher_forward"]["skipped"] = (diagnostics or {}).get("pairs_skipped", 0)
+    if diagnostics or report:
+        metrics["method_diagnostics"] = diagnostics | (report or {})
+        metrics["teacher_forward"]["skipped"] = diagnostics.get("pairs_skipped", 0)
     if ctx.is_main:
         student_state = {k[len("student."):]: v.contiguous() for k, v in result.best_state.items()
                          if k.startswith("student.")}

@@ -29,7 +29,8 @@ from fmtransfer.config import RunConfig, TeacherConfig, dump_config, run_config_
 from fmtransfer.data.stream import StreamTask, open_stream_task
 from fmtransfer.errors import ConfigError
 from fmtransfer.integrity import publish
-from fmtransfer.registry import METHODS, MODELS, RECIPES
+from fmtransfer.methods.base import BuildContext, build_method
+from fmtransfer.registry import METHODS, RECIPES
 from fmtransfer.runfiles import DEBUG_DUMP_ENV, clean_run_dir, format_summary, write_run_file, write_run_json
 from fmtransfer.train.distributed import DistContext
 from fmtransfer.train.loggers import JsonlLog
@@ -182,11 +183,12 @@ def run_stream(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet:
     t_cache = time.perf_counter() - t0
     torch.manual_seed(cfg.seed)
     schema = task.schema()
-    if entry.impl.reads_reps or entry.impl.build_model(cfg.method, cfg, schema, ctx.device) is not None:
+    # output-level methods read nothing of the context; planned steps are left out (a stream plans its own)
+    build_ctx = BuildContext(cache_dir=Path(cfg.cache_dir), seed=cfg.seed, device=ctx.device, small=cfg.student)
+    method = None if entry.impl.reads_reps else build_method(cfg.method, schema, teachers, build_ctx)
+    if method is None or method.own_model:
         raise ConfigError(f"method {cfg.method.name!r} reads teacher representations or ships its own model; "
                           "a streamed task runs output-level methods (e.g. student, kd)")
-    student = MODELS.get(cfg.student.name).impl(cfg.student, schema)
-    method = entry.impl(cfg.method, student, schema, teachers)
     torch.manual_seed(cfg.seed)
     t1 = time.perf_counter()
     result = fit(method, task, cfg.train, seed=cfg.seed, ctx=ctx,
@@ -207,7 +209,7 @@ def run_stream(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet:
         "higher_is_better": task.higher_is_better, "test": best["test"], "val": best["val"], "ood": best["ood"],
         "ood_mean": None, "best_epoch": result.best_epoch, "epochs_run": len(result.history), "steps": result.steps,
         "gap_recovered": None, "teachers": {n: t.summary() for n, t in teachers.items()},
-        "params": {"student": count_params(student), "teachers": {n: t.params for n, t in teachers.items()}},
+        "params": {"student": count_params(method.student), "teachers": {n: t.params for n, t in teachers.items()}},
         "teacher_forward": {"run": sum(t.rows_computed for t in teachers.values()), "encoder_texts": 0,
                             "skipped": 0, "cached": result.teacher_rows_read * ctx.world},
         "seconds": {"cache": round(t_cache, 3), "train": round(t_train, 3),

@@ -16,9 +16,8 @@ import torch.nn.functional as F
 
 from fmtransfer.config import MethodConfig
 from fmtransfer.data.base import TaskData
-from fmtransfer.methods.base import Method
-from fmtransfer.methods.losses import masked_task_loss
-from fmtransfer.methods.multi_kd import committee
+from fmtransfer.methods.base import Built, Method, committee
+from fmtransfer.methods.losses import masked_task_loss, per_row_kd
 from fmtransfer.models.base import TaskModel
 from fmtransfer.registry import METHODS
 
@@ -32,15 +31,6 @@ class CAMKDConfig(MethodConfig):
     """Softmax temperature of the per-sample teacher weights (lower: sharper)."""
     kd_weight: float = 1.0
     task_weight: float = 1.0
-
-
-def per_row_kd(student: torch.Tensor, teacher: torch.Tensor, task_type: str, t: float) -> torch.Tensor:
-    """Per-row KD term (T^2 KL summed over classes, or squared error)."""
-    if task_type == "regression":
-        return (student.float() - teacher.float()) ** 2
-    log_s = F.log_softmax(student.float() / t, -1)
-    log_t = F.log_softmax(teacher.float() / t, -1)
-    return (log_t.exp() * (log_t - log_s)).sum(-1) * t * t
 
 
 def teacher_weights(teachers: torch.Tensor, y: torch.Tensor, labeled: torch.Tensor, task_type: str,
@@ -60,8 +50,9 @@ def teacher_weights(teachers: torch.Tensor, y: torch.Tensor, labeled: torch.Tens
 class CAMKD(Method):
     uses_transfer = True
 
-    def __init__(self, cfg: CAMKDConfig, student: TaskModel, task: TaskData, teachers: dict[str, Any]) -> None:
-        super().__init__(cfg, student, task, teachers)
+    def __init__(self, cfg: CAMKDConfig, student: TaskModel, task: TaskData, teachers: dict[str, Any],
+                 built: Built | None = None) -> None:
+        super().__init__(cfg, student, task, teachers, built)
         self.names = committee(cfg.teachers, list(teachers), "ca_mkd")
         self.c = cfg
 

@@ -38,7 +38,14 @@ Our reading of DiverseDistill (only the abstract was available; every choice is 
     `teacher_temperature` - a KD temperature per teacher (others use `temperature`);
     `teacher_logit_bias` - a fixed prior on a teacher's gate score (where it weighs and ranks pairs);
     `foundation_warmup_steps` - teacher-assistant order: the foundation teachers' weights ramp 0 -> 1
-      over that many steps, so the complementary teachers teach first.
+      over that many steps, so the complementary teachers teach first;
+    `gate_target: reliability` - G learns, on labeled rows whose teachers all ran, the blend of teachers
+      whose mixed output fits the label (the task loss of sum_k alpha_k t_k), so it weighs teachers by
+      how right they are, not by how much the student still disagrees with them (it fails where the
+      teachers memorised the few labels: digits, docs/strong.md);
+    `gate_target: confidence` - (classes) G regresses each teacher's negative entropy on the row, label-free;
+    `l_hint` - a FitNets-strength hint per teacher, + l_hint * sum_k w_k MSE(LN(P_k z_s), LN(h_k)),
+      weighted like the KD terms (FitNets from the FM is the best movielens baseline there).
 All of it is dropped at export: `predict` runs the student alone.
 """
 
@@ -55,10 +62,9 @@ from torch import nn
 from fmtransfer.config import MethodConfig
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ConfigError
-from fmtransfer.methods.base import Method
-from fmtransfer.methods.ca_mkd import per_row_kd
-from fmtransfer.methods.losses import per_row_task_loss
-from fmtransfer.methods.multi_kd import committee
+from fmtransfer.methods.base import Built, Method, committee
+from fmtransfer.methods.dd_terms import mixture_task_loss, per_row_hint
+from fmtransfer.methods.losses import per_row_kd, per_row_task_loss
 from fmtransfer.models.base import TaskModel, mlp
 from fmtransfer.plots import lines, stacked_bars
 from fmtransfer.ranges import at_least
@@ -84,10 +90,13 @@ class DiverseDistillConfig(MethodConfig):
     temperature: float = 4.0
     importance: Literal["learned", "equal"] = "learned"
     """learned: the gate G(z_s) weighs and filters teachers; equal: 1/K for every teacher and row."""
-    gate_target: Literal["benefit", "disagreement", "correctness"] = "disagreement"
+    gate_target: Literal["benefit", "disagreement", "correctness", "reliability", "confidence"] = "disagreement"
     """What G learns (stop-gradient, on pairs that ran): each teacher's loss advantage over the student
-    (labeled rows), how far the teacher's output is from the student's (its per-row KD term: any row), or
-    which teacher is right (softmax(-loss / target_tau), labeled rows)."""
+    (labeled rows), how far the teacher's output is from the student's (its per-row KD term: any row),
+    which teacher is right (softmax(-loss / target_tau), labeled rows), or `reliability`: the blend of
+    teachers that fits the label (the task loss of the alpha-weighted teacher mixture, labeled rows whose
+    teachers all ran), or `confidence` (classification): the teacher's negative entropy on the row (any
+    row: label-free, so it is not fooled by teachers that memorised the few labels)."""
     tau: float = 1.0
     target_tau: float = 1.0
     """Temperature of the correctness target softmax(-teacher loss / target_tau)."""
@@ -119,6 +128,9 @@ class DiverseDistillConfig(MethodConfig):
     foundation_warmup_steps: int = field(default=0, metadata=at_least(0))
     """Teacher-assistant order: the foundation teachers' weights ramp linearly 0 -> 1 over this many training
     steps (the complementary teachers teach alone at first); 0 = off."""
+    l_hint: float = field(default=0.0, metadata=at_least(0))
+    """Weight of a FitNets-strength hint per teacher: sum_k w_k MSE(LN(P_k z_s), LN(h_k)) with a linear
+    projector per teacher, weighted like the KD terms; 0 = off (no projector is built)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.entropy_floor <= 1:
@@ -150,8 +162,8 @@ class DiverseDistill(Method):
     reads_reps = True
 
     def __init__(self, cfg: DiverseDistillConfig, student: TaskModel, task: TaskData,
-                 teachers: dict[str, Any]) -> None:
-        super().__init__(cfg, student, task, teachers)
+                 teachers: dict[str, Any], built: Built | None = None) -> None:
+        super().__init__(cfg, student, task, teachers, built)
         self.names = committee(cfg.teachers, list(teachers), "diverse_distill")
         self.c = cfg
         k, q, d = len(self.names), cfg.query_dim, student.rep_dim
@@ -189,6 +201,11 @@ class DiverseDistill(Method):
                               f"committee ({', '.join(self.names)})")
         if cfg.foundation_warmup_steps > 0:
             self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        if cfg.gate_target == "confidence" and self.task_type == "regression":
+            raise ConfigError("method.gate_target: confidence needs class outputs (a regression teacher has no "
+                              "entropy); use reliability or disagreement")
+        if cfg.l_hint > 0:  # built last and only when on: every other module's initialisation is unchanged
+            self.hint_proj = nn.ModuleList([nn.Linear(d, self.teacher_info[n]["rep_dim"]) for n in self.names])
 
     @classmethod
     def required_teachers(cls, cfg: DiverseDistillConfig, available: list[str]) -> list[str]:  # type: ignore[override]
@@ -352,8 +369,8 @@ class DiverseDistill(Method):
             w = w / w.sum(-1, keepdim=True).clamp(min=1e-12)
         t_outs, t_reps = self.teacher_states(batch, keep)
         q = self.w_q(z)
-        align, ans, kd, t_loss = [], [], [], []
-        needs_t_loss = c.importance == "learned" and c.gate_target != "disagreement"  # only the gate reads it
+        align, ans, kd, t_loss, hint = [], [], [], [], []
+        needs_t_loss = c.importance == "learned" and c.gate_target in ("benefit", "correctness")  # gate only
         for k, n in enumerate(self.names):
             if n in self._tokens:
                 tokens = self._tokens[n][batch["row"].cpu()].to(z.device).float()
@@ -368,6 +385,8 @@ class DiverseDistill(Method):
             kd.append(per_row_kd(pred, t_outs[k], self.task_type, self._temperature(n)))
             if needs_t_loss:
                 t_loss.append(per_row_task_loss(t_outs[k], batch["y"], self.task_type))
+            if c.l_hint > 0:
+                hint.append(per_row_hint(self.hint_proj[k](z), t_reps[k]))
         align_t = (w * torch.stack(align, -1)).sum(-1).mean()
         kd_t = (w * torch.stack(kd, -1)).sum(-1).mean()
         ans_t = torch.stack(ans).mean()
@@ -376,9 +395,20 @@ class DiverseDistill(Method):
             loss = loss + c.l_ans * ans_t
         loss = loss + c.l_kd * kd_t
         out = {"task": task.detach(), "align": align_t.detach(), "answer": ans_t.detach(), "kd": kd_t.detach()}
+        if c.l_hint > 0:
+            hint_t = (w * torch.stack(hint, -1)).sum(-1).mean()
+            loss = loss + c.l_hint * hint_t
+            out["hint"] = hint_t.detach()
         if c.importance == "learned":
             if c.gate_target == "disagreement":  # any row that ran the teacher; the target is its KD term
                 gate = _masked_mse(self.gate_scores(z, extra), torch.stack(kd, -1).detach(), keep)
+            elif c.gate_target == "confidence":  # any row that ran the teacher; the target is -entropy
+                logp = torch.stack([F.log_softmax(o.detach().float(), -1) for o in t_outs], 1)
+                gate = _masked_mse(self.gate_scores(z, extra), (logp.exp() * logp).sum(-1), keep)
+            elif c.gate_target == "reliability":  # labeled rows whose teachers all ran: which blend fits y
+                full = (labeled & keep.all(-1)).float()
+                mix = mixture_task_loss(alpha, [o.detach() for o in t_outs], batch["y"], self.task_type)
+                gate = (mix * full).sum() / full.sum().clamp(min=1.0)
             else:  # the gate learns only from labeled rows whose teachers ran
                 seen = labeled.unsqueeze(-1) & keep
                 gate = self._gate_loss(z, torch.stack(t_loss, -1).detach(), per_task.detach(), seen, extra)

@@ -14,11 +14,12 @@ from typing import Any
 
 import torch
 
+from fmtransfer.config import ModelConfig
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ConfigError
-from fmtransfer.methods.linear_probe import FMMethod, FMModel
+from fmtransfer.methods.fm_base import FMMethod
 from fmtransfer.methods.losses import masked_task_loss
-from fmtransfer.models.fm_heads import EnsembleConfig, EnsembleModel
+from fmtransfer.models.fm_heads import EnsembleConfig, EnsembleModel, FMModel
 from fmtransfer.models.fm_layers import FMFeatures, TappedFeatures
 from fmtransfer.registry import METHODS, MODELS
 
@@ -29,8 +30,9 @@ class Ensemble(FMMethod):
     model_cls = EnsembleModel
 
     @classmethod
-    def make_model(cls, cfg: Any, task: TaskData, taps: TappedFeatures, fm: FMFeatures, run_cfg: Any) -> FMModel:
-        small_cfg = cfg.small or getattr(run_cfg, "student", None)
+    def make_model(cls, cfg: Any, task: TaskData, taps: TappedFeatures, fm: FMFeatures,
+                   small: ModelConfig | None) -> FMModel:
+        small_cfg = cfg.small or small
         if small_cfg is None:
             raise ConfigError("method.small: the ensemble needs a small task model (method.small or the student)")
         return EnsembleModel(cfg, task, taps, fm, MODELS.get(small_cfg.name).impl(small_cfg, task))

@@ -7,28 +7,16 @@ the loop's: the epoch with the best validation score. Reviews -> MiniLM-L6, digi
 (models/fm_finetune.py). On a task model that is not a foundation model (the contract test's MLP) the
 method is plain supervised training.
 
-`FMFinetuneMethod` is the base of `lp_ft`, `wise_ft` and `lora`: it times the training part of every epoch
-(from an epoch's first step to its validation) and reports trainable parameters and the uncached inference
-cost per example into metrics.json["method_diagnostics"].
+The shared fine-tuning machinery is `FMFinetuneMethod` (methods/finetune_base.py).
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-import torch
-
-from fmtransfer.data.base import TaskData
-from fmtransfer.methods.base import Method
-from fmtransfer.methods.losses import masked_task_loss
-from fmtransfer.models.base import TaskModel
-from fmtransfer.models.fm_finetune import FMFinetuneConfig, build_fm_model
+from fmtransfer.methods.finetune_base import FMFinetuneMethod
+from fmtransfer.models.fm_finetune import FMFinetuneConfig
 from fmtransfer.registry import METHODS
-from fmtransfer.train.loop import predict_rows
-from fmtransfer.utils import count_params
 
 
 @dataclass
@@ -36,63 +24,8 @@ class FinetuneConfig(FMFinetuneConfig):
     name: str = "finetune"
 
 
-class FMFinetuneMethod(Method):
-    """Task loss on the labeled rows of the model `build_model` returns; timing and parameter diagnostics."""
-
-    def __init__(self, cfg: FMFinetuneConfig, student: TaskModel, task: TaskData, teachers: dict[str, Any]) -> None:
-        super().__init__(cfg, student, task, teachers)
-        self.build_info: dict[str, Any] = dict(getattr(student, "build_info", {}))
-        self._epoch_t0: float | None = None
-        self.epoch_seconds: list[float] = []
-
-    @classmethod
-    def build_model(cls, cfg: FMFinetuneConfig, run_cfg: Any, task: TaskData,  # type: ignore[override]
-                    device: torch.device) -> TaskModel | None:
-        return build_fm_model(cfg, task, device)
-
-    def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.training and self._epoch_t0 is None:
-            self._epoch_t0 = time.perf_counter()
-        pred = self.student(batch)
-        task = masked_task_loss(pred, batch["y"], batch["labeled"], self.task_type)
-        return {"loss": task, "task": task.detach()}
-
-    def train(self, mode: bool = True) -> FMFinetuneMethod:
-        if not mode and self.training and self._epoch_t0 is not None:  # the loop validates: an epoch's steps ended
-            self.epoch_seconds.append(time.perf_counter() - self._epoch_t0)
-            self._epoch_t0 = None
-        return super().train(mode)
-
-    def diagnostics(self) -> dict[str, Any]:
-        secs = self.epoch_seconds
-        return {"trainable_params": count_params(self.student, trainable_only=True),
-                "total_params": count_params(self.student),
-                "train_s_per_epoch": round(sum(secs) / len(secs), 3) if secs else None,
-                "train_s_epochs": [round(s, 3) for s in secs], **self.build_info}
-
-    @torch.no_grad()
-    def inference_ms(self, task: TaskData, device: torch.device) -> float | None:
-        """Milliseconds per example of the shipped model on test rows, without any cached features."""
-        n = int(getattr(self.cfg, "timing_rows", 0))
-        rows = task.splits["test"][:n]
-        if not n or not len(rows):
-            return None
-        cached = getattr(self.student, "cache_eval", None)
-        if cached is not None:
-            self.student.cache_eval = False  # type: ignore[assignment]
-        self.eval()
-        bs = int(getattr(self.cfg, "encode_batch_size", 64))
-        predict_rows(self.predict, task, rows[:min(bs, len(rows))], bs, device)  # warm-up
-        t0 = time.perf_counter()
-        predict_rows(self.predict, task, rows, bs, device)
-        ms = 1000 * (time.perf_counter() - t0) / len(rows)
-        if cached is not None:
-            self.student.cache_eval = cached  # type: ignore[assignment]
-        return round(ms, 3)
-
-    def report(self, task: TaskData, history: list[dict[str, Any]], out_dir: Path,
-               device: torch.device) -> dict[str, Any]:
-        return {"inference_ms_per_example": self.inference_ms(task, device)}
+class Finetune(FMFinetuneMethod):
+    """Every weight and a fresh head train with the task loss (the base class's objective, unchanged)."""
 
 
-METHODS.register("finetune", FinetuneConfig, FMFinetuneMethod)
+METHODS.register("finetune", FinetuneConfig, Finetune)

@@ -17,7 +17,7 @@ from torch import nn
 
 from fmtransfer.config import MethodConfig
 from fmtransfer.data.base import TaskData
-from fmtransfer.methods.base import Method, pick_teacher
+from fmtransfer.methods.base import Built, Method, pick_teacher
 from fmtransfer.methods.losses import distill_loss, masked_task_loss
 from fmtransfer.models.base import TaskModel
 from fmtransfer.registry import METHODS
@@ -46,8 +46,9 @@ class FitNet(Method):
     uses_transfer = True
     reads_reps = True
 
-    def __init__(self, cfg: FitNetConfig, student: TaskModel, task: TaskData, teachers: dict[str, Any]) -> None:
-        super().__init__(cfg, student, task, teachers)
+    def __init__(self, cfg: FitNetConfig, student: TaskModel, task: TaskData, teachers: dict[str, Any],
+                 built: Built | None = None) -> None:
+        super().__init__(cfg, student, task, teachers, built)
         self.teacher = pick_teacher(cfg.teacher, list(teachers), "fitnet")
         self.projector = nn.Linear(student.rep_dim, self.teacher_info[self.teacher]["rep_dim"])
         self.c = cfg

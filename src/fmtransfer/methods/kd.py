@@ -13,7 +13,7 @@ import torch
 from fmtransfer.config import MethodConfig
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ConfigError
-from fmtransfer.methods.base import Method, pick_teacher
+from fmtransfer.methods.base import Built, Method, pick_teacher
 from fmtransfer.methods.losses import distill_loss, masked_task_loss
 from fmtransfer.models.base import TaskModel
 from fmtransfer.registry import METHODS
@@ -36,8 +36,9 @@ class KDConfig(MethodConfig):
 class KD(Method):
     uses_transfer = True
 
-    def __init__(self, cfg: KDConfig, student: TaskModel, task: TaskData, teachers: dict[str, Any]) -> None:
-        super().__init__(cfg, student, task, teachers)
+    def __init__(self, cfg: KDConfig, student: TaskModel, task: TaskData, teachers: dict[str, Any],
+                 built: Built | None = None) -> None:
+        super().__init__(cfg, student, task, teachers, built)
         self.teacher = pick_teacher(cfg.teacher, list(teachers), "kd")
         self.temperature = cfg.temperature
         self.kd_weight, self.task_weight = cfg.kd_weight, cfg.task_weight

@@ -4,8 +4,8 @@ Our design (only the LEVI paper's abstract could be read; every choice below is 
 docs/levi.md):
 - Tapped layers l (default 50%, 75%, 100% of the backbone's depth), pooled features p_l read from the
   cache (the backbone is frozen: models/fm_layers.py).
-- The small task-specific model g is the task's student model (`run_cfg.student`: hashed n-grams on
-  reviews, a tiny CNN on digits), trained from scratch: u = g.body(x).
+- The small task-specific model g is `method.small`, else the run's student model (`BuildContext.small`:
+  hashed n-grams on reviews, a tiny CNN on digits), trained from scratch: u = g.body(x).
 - One adapter per tapped layer: z_l = A_l([LN(p_l); u]), an MLP to the outputs.
 - Ensemble z = sum_m w_m z_m, with w = softmax(beta) (learned, `weighting: learned`), fixed uniform
   weights, or an input-dependent gate w(x) = softmax(G([u; LN(p_deepest)])). With `small_head: member`
@@ -32,9 +32,9 @@ from torch import nn
 from fmtransfer.config import ModelConfig
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ConfigError
-from fmtransfer.methods.linear_probe import FMMethod, FMModel
+from fmtransfer.methods.fm_base import FMMethod
 from fmtransfer.methods.losses import masked_task_loss
-from fmtransfer.models.fm_heads import LEVIConfig, LEVIModel
+from fmtransfer.models.fm_heads import FMModel, LEVIConfig, LEVIModel
 from fmtransfer.models.fm_layers import FMFeatures, TappedFeatures
 from fmtransfer.registry import METHODS, MODELS
 from fmtransfer.train.loop import predict_rows
@@ -64,8 +64,9 @@ class LEVI(FMMethod):
     model_cls = LEVIModel
 
     @classmethod
-    def make_model(cls, cfg: Any, task: TaskData, taps: TappedFeatures, fm: FMFeatures, run_cfg: Any) -> FMModel:
-        return levi_model(cfg, task, taps, fm, getattr(run_cfg, "student", None))
+    def make_model(cls, cfg: Any, task: TaskData, taps: TappedFeatures, fm: FMFeatures,
+                   small: ModelConfig | None) -> FMModel:
+        return levi_model(cfg, task, taps, fm, small)
 
     def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         model: LEVIModel = self.student  # type: ignore[assignment]

@@ -2,7 +2,7 @@
 
 Text (MiniLM): LoRA on the attention projections (`query`, `key`, `value` by default; `target_modules`
 picks others). Image (EfficientNet-Lite0, a CNN): peft's Conv2d LoRA applies to the 1x1 convolutions
-(pointwise expand/project of every MBConv block and the 1x1 head conv): 93% of the backbone's 3.37M weights;
+(pointwise expand/project of every MBConv block and the 1x1 head conv; docs/finetuning.md counts them);
 the 3x3/5x5 depthwise convs and the stem are not adapted (a ConfigError names a target that is one of them)
 and BatchNorm keeps its ImageNet statistics. Trainable: the adapters and the head (`trainable_params` in
 metrics.json["method_diagnostics"]). The adapters are not merged for inference (`inference_ms_per_example`
@@ -12,15 +12,11 @@ counts them). peft is optional: `pip install 'peft==0.21.2' 'torch==2.13.0'`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-import torch
 
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ConfigError
-from fmtransfer.methods.finetune import FMFinetuneMethod
-from fmtransfer.methods.lp_ft import build_probed_model
-from fmtransfer.models.base import TaskModel
+from fmtransfer.methods.base import BuildContext, Built
+from fmtransfer.methods.finetune_base import FMFinetuneMethod, build_probed_model
 from fmtransfer.models.fm_finetune import ProbeStageConfig, build_fm_model, inject_lora
 from fmtransfer.registry import METHODS
 
@@ -44,12 +40,10 @@ class LoraMethodConfig(ProbeStageConfig):
 
 class Lora(FMFinetuneMethod):
     @classmethod
-    def build_model(cls, cfg: LoraMethodConfig, run_cfg: Any, task: TaskData,  # type: ignore[override]
-                    device: torch.device) -> TaskModel | None:
-        model = build_probed_model(cfg, run_cfg, task, device) if cfg.probe_init else build_fm_model(cfg, task, device)
-        adapted = inject_lora(model, cfg.rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
-        model.build_info = dict(getattr(model, "build_info", {}), lora_modules=adapted)  # type: ignore[attr-defined]
-        return model.to(device)
+    def build_model(cls, cfg: LoraMethodConfig, ctx: BuildContext, task: TaskData) -> Built | None:  # type: ignore[override]
+        built = build_probed_model(cfg, ctx, task) if cfg.probe_init else Built(build_fm_model(cfg, task, ctx.device))
+        adapted = inject_lora(built.model, cfg.rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
+        return Built(built.model.to(ctx.device), info={**built.info, "lora_modules": adapted})
 
 
 METHODS.register("lora", LoraMethodConfig, Lora)

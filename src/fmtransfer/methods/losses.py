@@ -13,7 +13,16 @@ def masked_task_loss(pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, ta
     is an exact zero that still depends on `pred`, so DDP sees every parameter used.
     """
     mask_f = mask.to(pred.dtype if pred.is_floating_point() else torch.float32)
-    return (per_row_task_loss(pred, y, task_type) * mask_f).sum() / mask_f.sum().clamp(min=1.0)
+    return masked_mean(per_row_task_loss(pred, y, task_type), mask_f)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` over the entries where `mask` is set (a bool or 0/1 float mask of the same shape).
+
+    An empty mask gives an exact zero that still depends on `values` (the denominator is clamped at 1).
+    """
+    m = mask if mask.is_floating_point() else mask.float()
+    return (values * m).sum() / m.sum().clamp(min=1.0)
 
 
 def per_row_task_loss(pred: torch.Tensor, y: torch.Tensor, task_type: str) -> torch.Tensor:
@@ -33,6 +42,16 @@ def kd_logits(student: torch.Tensor, teacher: torch.Tensor, temperature: float =
     log_p_s = F.log_softmax(student.float() / t, dim=-1)
     log_p_t = F.log_softmax(teacher.float() / t, dim=-1)
     return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * (t * t)
+
+
+def per_row_kd(student: torch.Tensor, teacher: torch.Tensor, task_type: str, t: float) -> torch.Tensor:
+    """The KD term of each row (T^2 KL summed over classes, or squared error): what per-sample teacher
+    weights multiply (ca_mkd, diverse_distill). Its mean over rows is `kd_logits` for classes."""
+    if task_type == "regression":
+        return (student.float() - teacher.float()) ** 2
+    log_s = F.log_softmax(student.float() / t, -1)
+    log_t = F.log_softmax(teacher.float() / t, -1)
+    return (log_t.exp() * (log_t - log_s)).sum(-1) * t * t
 
 
 def kd_regression(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

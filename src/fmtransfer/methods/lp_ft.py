@@ -10,14 +10,11 @@ probe stage's seconds and validation score are reported in metrics.json["method_
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-import torch
 
 from fmtransfer.data.base import TaskData
-from fmtransfer.methods.finetune import FMFinetuneMethod
-from fmtransfer.models.base import TaskModel
-from fmtransfer.models.fm_finetune import ProbeStageConfig, build_fm_model, fit_probe_head
+from fmtransfer.methods.base import BuildContext, Built
+from fmtransfer.methods.finetune_base import FMFinetuneMethod, build_probed_model
+from fmtransfer.models.fm_finetune import ProbeStageConfig
 from fmtransfer.registry import METHODS
 
 
@@ -26,21 +23,12 @@ class LPFTConfig(ProbeStageConfig):
     name: str = "lp_ft"
 
 
-def build_probed_model(cfg: ProbeStageConfig, run_cfg: Any, task: TaskData, device: torch.device) -> TaskModel:
-    """The backbone with its linear head trained on the frozen features (stage 1); `build_info` says how."""
-    model = build_fm_model(cfg, task, device)
-    info = fit_probe_head(model, task, cfg, device, seed=int(run_cfg.seed))
-    model.build_info = info  # type: ignore[attr-defined]  # read by FMFinetuneMethod into its diagnostics
-    return model
-
-
 class LPFT(FMFinetuneMethod):
     """Fine-tuning from the probed head: the loop's objective is the plain task loss."""
 
     @classmethod
-    def build_model(cls, cfg: LPFTConfig, run_cfg: Any, task: TaskData,  # type: ignore[override]
-                    device: torch.device) -> TaskModel | None:
-        return build_probed_model(cfg, run_cfg, task, device)
+    def build_model(cls, cfg: LPFTConfig, ctx: BuildContext, task: TaskData) -> Built | None:  # type: ignore[override]
+        return build_probed_model(cfg, ctx, task)
 
 
 METHODS.register("lp_ft", LPFTConfig, LPFT)

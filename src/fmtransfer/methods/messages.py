@@ -5,8 +5,7 @@ or `body`: the model's representation `body(batch)`, the input of its head. Stat
 (B, T, D) are mean-pooled and feature maps (B, C, H, W) averaged before they are encoded; a decoded
 message (B, D) is added to every token / position of the state it is injected into.
 
-Injection ADDS the decoded message to the module's output (a prototype that replaced the state made the
-interactive output worse).
+Injection ADDS the decoded message to the module's output (why not replace it: docs/talking.md).
 """
 
 from __future__ import annotations
@@ -171,8 +170,14 @@ class _Scaled(nn.Module):
 
 
 def scale_learning_rate(module: nn.Module, scale: float) -> None:
-    """Make `module`'s parameters train at `scale` times the loop's learning rate (the loop has one
-    optimizer and one learning rate; this reparametrises the weights instead)."""
+    """Make `module`'s parameters train at about `scale` times the loop's learning rate by reparametrising
+    them (w = scale * w'), for Talking's codec and trainable-teacher scales.
+
+    Methods declare per-parameter rates with `Method.lr_scales` (optimizer parameter groups); Talking keeps
+    this older form because the two are not the same optimizer: here AdamW's weight decay acts on w' (w decays
+    at lr * wd, not lr * scale * wd), Adam's eps is in effect eps / scale, the gradient-norm clip sees the
+    scaled gradients, and the state dict holds `parametrizations.<name>.original`. Moving it to parameter
+    groups changes the shipped `*-trainable-teacher` results (docs/talking.md)."""
     if scale == 1.0:
         return
     if scale <= 0:

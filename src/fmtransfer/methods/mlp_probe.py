@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fmtransfer.methods.linear_probe import LinearProbe as _FMProbe
-from fmtransfer.methods.linear_probe import ProbeConfig, ProbeModel
+from fmtransfer.methods.fm_base import FMMethod
+from fmtransfer.models.fm_heads import ProbeConfig, ProbeModel
 from fmtransfer.registry import METHODS
 
 
@@ -22,7 +22,7 @@ class MLPProbeConfig(ProbeConfig):
     dropout: float = 0.1
 
 
-class MLPProbe(_FMProbe):
+class MLPProbe(FMMethod):
     model_cls = ProbeModel
 
 

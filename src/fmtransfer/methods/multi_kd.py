@@ -14,8 +14,7 @@ import torch
 
 from fmtransfer.config import MethodConfig
 from fmtransfer.data.base import TaskData
-from fmtransfer.errors import ConfigError, did_you_mean
-from fmtransfer.methods.base import Method
+from fmtransfer.methods.base import Built, Method, committee
 from fmtransfer.methods.losses import distill_loss, masked_task_loss
 from fmtransfer.models.base import TaskModel
 from fmtransfer.registry import METHODS
@@ -31,23 +30,12 @@ class MultiKDConfig(MethodConfig):
     task_weight: float = 1.0
 
 
-def committee(names: list[str] | None, available: list[str], method: str) -> list[str]:
-    """Resolve a method's `teachers` option against the configured teachers."""
-    if not available:
-        raise ConfigError(f"method {method} needs teachers; add them under `teachers:`")
-    chosen = names or available
-    unknown = [n for n in chosen if n not in available]
-    if unknown:
-        raise ConfigError(f"method.teachers: {unknown[0]!r} is not a configured teacher"
-                          f"{did_you_mean(unknown[0], available)} (allowed: {', '.join(available)})")
-    return list(dict.fromkeys(chosen))
-
-
 class MultiKD(Method):
     uses_transfer = True
 
-    def __init__(self, cfg: MultiKDConfig, student: TaskModel, task: TaskData, teachers: dict[str, Any]) -> None:
-        super().__init__(cfg, student, task, teachers)
+    def __init__(self, cfg: MultiKDConfig, student: TaskModel, task: TaskData, teachers: dict[str, Any],
+                 built: Built | None = None) -> None:
+        super().__init__(cfg, student, task, teachers, built)
         self.names = committee(cfg.teachers, list(teachers), "multi_kd")
         self.temperature, self.kd_weight, self.task_weight = cfg.temperature, cfg.kd_weight, cfg.task_weight
 

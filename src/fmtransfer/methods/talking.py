@@ -14,8 +14,8 @@ Our reading (the paper's full text was unavailable; every choice is an option, s
          + w_state ||s_g[h_g] - sg(target)||^2   target = s_g[h_g] + D_g(r) ("injected") or D_g(r)
          + ramp * w_self KD(plain, sg(y~))          ramp: 0 -> 1 over self_warmup_steps
          + kd_weight KD(plain, cached teacher output)
-  The last three carry what the conversation found into the student's own weights (the plain path):
-  a prototype with the first four alone improved y~ a lot and the plain student barely.
+  The last three carry what the conversation found into the student's own weights (the plain path; why
+  they are needed: docs/talking.md).
 - predict() is the plain student alone: selected on validation, evaluated and exported. y~ (teacher in
   the loop) is reported beside it in metrics.json["method_diagnostics"]["interactive"].
 - `query_rows > 0`: synthetic unlabeled questions (a row with `query_mix` views from another row) whose
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from fmtransfer.config import MethodConfig
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ConfigError
-from fmtransfer.methods.base import Method, pick_teacher
+from fmtransfer.methods.base import Built, Method, pick_teacher
 from fmtransfer.methods.losses import distill_loss, masked_task_loss
 from fmtransfer.methods.messages import BODY, Codec, auto_inject_path, run_model, scale_learning_rate, state_dims
 from fmtransfer.models.base import TaskModel
@@ -112,8 +112,9 @@ class TalkingConfig(MethodConfig):
 class Talking(Method):
     uses_transfer = True
 
-    def __init__(self, cfg: TalkingConfig, student: TaskModel, task: TaskData, teachers: dict[str, Any]) -> None:
-        super().__init__(cfg, student, task, teachers)
+    def __init__(self, cfg: TalkingConfig, student: TaskModel, task: TaskData, teachers: dict[str, Any],
+                 built: Built | None = None) -> None:
+        super().__init__(cfg, student, task, teachers, built)
         self.c = cfg
         self.teacher_name = pick_teacher(cfg.teacher, list(teachers), "talking")
         teacher = teachers[self.teacher_name].load_model(task, torch.device("cpu"))
@@ -155,13 +156,15 @@ class Talking(Method):
 
     @property
     def teacher(self) -> TaskModel:
-        return self._frozen[0] if self._frozen else self.teacher_model
-
-    def _apply(self, fn: Any, recurse: bool = True) -> Talking:  # .to(device) moves the unregistered teacher too
-        super()._apply(fn, recurse)
-        for t in self._frozen:
-            t._apply(fn, recurse)
-        return self
+        """The live teacher. A frozen one is no submodule (not trained, checkpointed or wrapped by DDP), so it
+        follows the student's device here, when it is used."""
+        if not self._frozen:
+            return self.teacher_model
+        t = self._frozen[0]
+        device = next(self.student.parameters()).device
+        if next(t.parameters()).device != device:
+            t.to(device)
+        return t
 
     def train(self, mode: bool = True) -> Talking:
         super().train(mode)

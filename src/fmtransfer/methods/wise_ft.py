@@ -28,12 +28,11 @@ from torch import nn
 
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ConfigError
-from fmtransfer.methods.finetune import FMFinetuneMethod
-from fmtransfer.methods.lp_ft import build_probed_model
+from fmtransfer.methods.base import BuildContext, Built
+from fmtransfer.methods.finetune_base import FMFinetuneMethod, build_probed_model
 from fmtransfer.models.base import TaskModel
 from fmtransfer.models.fm_finetune import ProbeStageConfig
 from fmtransfer.registry import METHODS
-from fmtransfer.train.batches import BatchPlan
 from fmtransfer.train.loop import predict_rows
 
 
@@ -74,15 +73,16 @@ def _slot(key: str) -> str:
 class WiseFT(FMFinetuneMethod):
     """Fine-tunes like lp_ft/finetune, then swaps in the best interpolation with theta_0 after the last step."""
 
-    def __init__(self, cfg: WiseFTConfig, student: TaskModel, task: TaskData, teachers: dict[str, Any]) -> None:
-        super().__init__(cfg, student, task, teachers)
-        theta0 = getattr(student, "wise_theta0", None) or student.state_dict()
+    def __init__(self, cfg: WiseFTConfig, student: TaskModel, task: TaskData, teachers: dict[str, Any],
+                 built: Built | None = None) -> None:
+        super().__init__(cfg, student, task, teachers, built)
+        extras = built.extras if built is not None else {}
+        theta0 = extras.get("theta0") or student.state_dict()
         self.theta0 = nn.Module()  # persistent buffers: theta_0 survives checkpoint/resume
         for k, v in theta0.items():
             self.theta0.register_buffer(_slot(k), v.detach().clone())
-        plan = getattr(student, "wise_plan", {})
-        self.total_steps: int | None = plan.get("total_steps")
-        self.eval_batch_size = int(plan.get("eval_batch_size", 8192))
+        self.total_steps: int | None = extras.get("total_steps")
+        self.eval_batch_size = int(extras.get("eval_batch_size", 8192))
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
         self.register_buffer("alpha", torch.full((), -1.0))  # the chosen alpha; -1 until the sweep ran
         self._task = task
@@ -91,23 +91,23 @@ class WiseFT(FMFinetuneMethod):
         self.chosen_alpha: float | None = None  # the buffer `alpha` goes back to -1 when an earlier epoch is loaded
 
     @classmethod
-    def build_model(cls, cfg: WiseFTConfig, run_cfg: Any, task: TaskData,  # type: ignore[override]
-                    device: torch.device) -> TaskModel | None:
-        if run_cfg.train.patience is not None:
+    def build_model(cls, cfg: WiseFTConfig, ctx: BuildContext,  # type: ignore[override]
+                    task: TaskData) -> Built | None:
+        """theta_0 (the probed model) and the loop's planned steps, after which the sweep runs."""
+        if ctx.planned_steps is None:
             raise ConfigError("method wise_ft interpolates after the last planned step: set train.patience: null")
-        model = build_probed_model(cfg, run_cfg, task, device)
-        model.wise_theta0 = {k: v.detach().clone() for k, v in model.state_dict().items()}  # type: ignore[attr-defined]
+        built = build_probed_model(cfg, ctx, task)
+        model = built.model
+        theta0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if cfg.start == "fresh":
-            gen = torch.Generator().manual_seed(int(run_cfg.seed) + 1)
+            gen = torch.Generator().manual_seed(ctx.seed + 1)
             head: nn.Linear = model.out  # type: ignore[assignment]
             with torch.no_grad():
                 bound = 1.0 / head.in_features ** 0.5
                 head.weight.copy_((torch.rand(head.weight.shape, generator=gen) * 2 - 1) * bound)
                 head.bias.zero_()
-        t = run_cfg.train
-        steps = len(BatchPlan(task.splits["train"], None, batch_size=t.batch_size, steps_per_epoch=t.steps_per_epoch))
-        model.wise_plan = {"total_steps": t.epochs * steps, "eval_batch_size": t.eval_batch_size}  # type: ignore[attr-defined]
-        return model
+        extras = {"theta0": theta0, "total_steps": ctx.planned_steps, "eval_batch_size": ctx.eval_batch_size}
+        return Built(model, info=built.info, extras=extras)
 
     def theta0_state(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self.theta0, _slot(k)) for k in self.student.state_dict()}
@@ -117,9 +117,10 @@ class WiseFT(FMFinetuneMethod):
             self.steps_done += 1
         return super().losses(batch)
 
-    def end_of_steps(self) -> None:
-        """Loop hook after each epoch's updates: once the last planned step ran, sweep alpha, so the epoch's
-        validation (and the best-epoch choice) reads the chosen interpolation."""
+    def on_epoch_end(self) -> None:
+        """Once the last planned step ran, sweep alpha, so the epoch's validation (and the best-epoch choice)
+        reads the chosen interpolation (the epoch's timing is taken first: the sweep is not training)."""
+        super().on_epoch_end()
         if self.total_steps is not None and int(self.steps_done) >= self.total_steps and float(self.alpha) < 0:
             self.eval()
             self._sweep()

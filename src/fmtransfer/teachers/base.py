@@ -50,6 +50,9 @@ class TeacherBuild:
     """Parameters of a frozen backbone that `model` does not hold as parameters (e.g. cached embeddings)."""
     encoder_forwards: int = 0
     """Texts or images the foundation model actually ran on while building (0 on an embedding-cache hit)."""
+    method: Any = None
+    """The training objective built with the model (a method-as-teacher recipe's method, with what its build
+    produced); None = the recipe's `method(cfg, model, task)`."""
 
 
 class Recipe:
@@ -137,6 +140,7 @@ def teacher_fingerprint(name: str, cfg: TeacherConfig, task: TaskData, seed: int
                         source: PreparedTeacher | None = None) -> str:
     recipe = RECIPES.get(cfg.recipe).impl
     d = to_dict(cfg)
+    d["recipe"] = RECIPES.first_name(cfg.recipe)  # a renamed recipe keeps its artifacts (its old name is hashed)
     for key, default in (("train_splits", ["train"]), ("distill_from", None), ("distill_weight", 1.0),
                          ("distill_temperature", 4.0)):
         if d.get(key) == default:
@@ -278,7 +282,8 @@ def _build_and_store(name: str, cfg: TeacherConfig, task: TaskData, cache_dir: P
     built = recipe.build(cfg, task, cache_dir, device)
     model = built.model
     if source is None:
-        method, outputs_in = recipe.method(cfg, model, task), None
+        method = built.method if built.method is not None else recipe.method(cfg, model, task)
+        outputs_in = None
     else:  # labels + the source teacher's soft targets on every row of the batch (labeled + transfer)
         from fmtransfer.methods.kd import KD, KDConfig
 

@@ -1,10 +1,11 @@
-"""Foundation-model teachers that read text: `probe`, `hybrid` and `finetune` recipes.
+"""Foundation-model teachers that read text: `probe`, `hybrid` and `text_finetune` recipes.
 
 - `probe`: a head on the frozen encoder; each text is embedded once (cached on disk) and reused.
 - `hybrid`: the frozen text embeddings joined with the application's own ID/feature tower (what it
   gains on movielens: DESIGN.md section 2).
-- `finetune`: the encoder's top N transformer layers (or all) train with the head; texts are
-  tokenized once, and each step encodes only the distinct texts of the batch.
+- `text_finetune`: the encoder's top N transformer layers (or all) train with the head; texts are
+  tokenized once, and each step encodes only the distinct texts of the batch. Named `finetune` before
+  (that name still works).
 
 A text view is indexed by an entity column (one profile per user, one per movie) or by `row`, so the
 encoder runs once per distinct text rather than once per rating.
@@ -76,7 +77,7 @@ class HybridTeacherConfig(TextTeacherConfig):
 
 @dataclass
 class FinetuneTeacherConfig(TextTeacherConfig):
-    recipe: str = "finetune"
+    recipe: str = "text_finetune"
     top_layers: int | None = 2
     """Transformer layers to fine-tune, counted from the top; null = all (embeddings included)."""
     features: ModelConfig | None = None
@@ -262,4 +263,5 @@ class Finetune(Probe):
 
 RECIPES.register("probe", TextTeacherConfig, Probe)
 RECIPES.register("hybrid", HybridTeacherConfig, Hybrid)
-RECIPES.register("finetune", FinetuneTeacherConfig, Finetune)
+RECIPES.register("text_finetune", FinetuneTeacherConfig, Finetune)
+RECIPES.alias("finetune", "text_finetune")  # its name until the `finetune` method became a recipe too

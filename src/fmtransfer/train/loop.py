@@ -103,14 +103,34 @@ def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def param_groups(method: nn.Module, lr: float) -> list[dict[str, Any]]:
-    """The optimizer's parameter groups: one at `lr`, unless the method's `lr_scales()` names parameters that
-    train at `lr * scale` (LEVI's fine-tuned backbone beside its from-scratch layers)."""
-    scales: dict[int, float] = {id(p): s for s, ps in getattr(method, "lr_scales", dict)().items() for p in ps}
+    """The optimizer's parameter groups: one at `lr`, unless the method's `lr_scales()` (methods/base.py) names
+    parameters that train at `lr * scale` (LEVI's fine-tuned backbone beside its from-scratch layers)."""
+    scales: dict[int, float] = {id(p): s for s, ps in method.lr_scales().items() for p in ps}
     groups: dict[float, list[nn.Parameter]] = {}
     for p in method.parameters():
         if p.requires_grad:
             groups.setdefault(scales.get(id(p), 1.0), []).append(p)
     return [{"params": ps, "lr": lr * s} for s, ps in groups.items()]
+
+
+def batch_plan(task: TaskData, cfg: TrainConfig, uses_transfer: bool, seed: int = 0, rank: int = 0,
+               world: int = 1) -> Any:
+    """The loop's batches: a `BatchPlan` over the labeled (and transfer) rows, or a streamed task's own plan."""
+    own_plan = getattr(task, "batch_plan", None)  # a streamed task (data/stream.py) plans its own batches
+    if own_plan is not None:
+        return own_plan(uses_transfer=uses_transfer, batch_size=cfg.batch_size, steps_per_epoch=cfg.steps_per_epoch,
+                        seed=seed, rank=rank, world=world)
+    transfer = task.splits.get("transfer") if uses_transfer else None
+    return BatchPlan(task.splits["train"], transfer, batch_size=cfg.batch_size,
+                     labeled_batch_size=cfg.labeled_batch_size, steps_per_epoch=cfg.steps_per_epoch,
+                     seed=seed, rank=rank, world=world)
+
+
+def planned_steps(task: TaskData, cfg: TrainConfig, uses_transfer: bool) -> int | None:
+    """Optimizer steps `fit` will take (epochs x steps per epoch); None when `patience` may stop it sooner."""
+    if cfg.patience is not None:
+        return None
+    return cfg.epochs * len(batch_plan(task, cfg, uses_transfer))
 
 
 def epoch_line(desc: str, epoch: int, epochs: int, entry: dict[str, Any], metric: str, seconds: float) -> str:
@@ -129,22 +149,15 @@ def fit(method: nn.Module, task: TaskData, cfg: TrainConfig, *, seed: int, ctx: 
         uses_transfer: bool = False,
         ckpt_path: str | Path | None = None, resume: bool = False, config_hash: str = "",
         desc: str = "train", log: Callable[[dict[str, Any]], None] | None = None) -> FitResult:
-    """Train `method` (forward(batch) -> {'loss', ...}; predict(batch) -> prediction); return the best state."""
+    """Train `method` (a methods/base.py Method: forward(batch) -> {'loss', ...}, predict(batch), and the hooks
+    lr_scales() and on_epoch_end()); return the best state."""
     teacher_outputs = teacher_outputs or {}
     if teacher_reps:  # fp16 in memory once: a step's gather is then a torch index, not a memmap read + numpy cast
         teacher_reps = {n: r if isinstance(r, torch.Tensor) else torch.from_numpy(np.array(r))
                         for n, r in teacher_reps.items()}
     device = ctx.device
     method.to(device)
-    transfer = task.splits.get("transfer") if uses_transfer else None
-    own_plan = getattr(task, "batch_plan", None)  # a streamed task (data/stream.py) plans its own batches
-    if own_plan is not None:
-        plan = own_plan(uses_transfer=uses_transfer, batch_size=cfg.batch_size, steps_per_epoch=cfg.steps_per_epoch,
-                        seed=seed, rank=ctx.rank, world=ctx.world)
-    else:
-        plan = BatchPlan(task.splits["train"], transfer, batch_size=cfg.batch_size,
-                         labeled_batch_size=cfg.labeled_batch_size, steps_per_epoch=cfg.steps_per_epoch,
-                         seed=seed, rank=ctx.rank, world=ctx.world)
+    plan = batch_plan(task, cfg, uses_transfer, seed, ctx.rank, ctx.world)
     groups = param_groups(method, cfg.lr)
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)  # CPU too: same numbers
@@ -203,9 +216,7 @@ def fit(method: nn.Module, task: TaskData, cfg: TrainConfig, *, seed: int, ctx: 
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         bar.close()
-        end_of_steps = getattr(method, "end_of_steps", None)
-        if end_of_steps is not None:  # a method's own step after an epoch's updates (wise_ft: its alpha sweep)
-            end_of_steps()
+        method.on_epoch_end()  # a method's own step after an epoch's updates (wise_ft: its alpha sweep)
         method.eval()
         val_metrics = score_split(method.predict, task, "val", cfg.eval_batch_size, ctx)
         score = _score(task, val_metrics)
