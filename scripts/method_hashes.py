@@ -34,7 +34,10 @@ TEACHER_TRAIN = {"epochs": 2, "batch_size": 16, "steps_per_epoch": 3, "lr": 0.00
 RECIPES = ["levi", "linear_probe", "mlp_probe", "ensemble", "finetune_full", "lp_ft", "wise_ft", "lora"]
 VARIANTS = [("talking-lr", "talking", ["method.teacher_lr_scale=0.1", "method.codec_lr_scale=2.0"]),
             ("wise_ft-fresh", "wise_ft", ["method.start=fresh"]), ("lora-probe", "lora", ["method.probe_init=true"]),
-            ("levi-lr", "levi", ["method.small_lr_scale=0.5"])]
+            ("levi-lr", "levi", ["method.small_lr_scale=0.5"]),
+            *[(f"dd-{t}", "diverse_distill", [f"method.gate_target={t}"])
+              for t in ("benefit", "correctness", "reliability", "confidence")],
+            ("dd-hint", "diverse_distill", ["method.l_hint=1.0"])]
 TIMING = ("s_per", "seconds", "_ms", "inference", "train_s_epochs")
 
 

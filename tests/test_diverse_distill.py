@@ -341,7 +341,7 @@ def test_reliability_gate_learns_the_teacher_that_fits_the_labels() -> None:
 
 def test_hint_term_is_off_by_default_and_weighs_each_teachers_fitnet_hint() -> None:
     """l_hint 0 builds no projector (parameters and init unchanged); l_hint > 0 adds sum_k w_k hint_k."""
-    from fmtransfer.methods.dd_terms import per_row_hint
+    from fmtransfer.methods.losses import per_row_hint
     plain, batch = _strong_method("importance: equal, filter: false")
     method, _ = _strong_method("importance: equal, filter: false, l_hint: 2.0")
     assert not any(k.startswith("hint_proj") for k in plain.state_dict())

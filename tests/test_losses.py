@@ -81,7 +81,7 @@ def test_ca_mkd_weights_golden() -> None:
 
 
 def test_hint_loss_golden() -> None:
-    from fmtransfer.methods.fitnet import hint_loss
+    from fmtransfer.methods.losses import hint_loss
 
     s, t = torch.tensor([[1.0, 3.0]]), torch.tensor([[2.0, 3.0]])
     assert hint_loss(s, t, normalize=False).item() == pytest.approx(0.5)
@@ -132,8 +132,7 @@ def test_committee_and_pick_teacher() -> None:
 def test_diverse_distill_hint_and_mixture_terms_golden() -> None:
     """DiverseDistill's per-row hint averages to FitNets' hint loss; the reliability target is the task loss
     of the alpha-weighted teacher mixture."""
-    from fmtransfer.methods.dd_terms import mixture_task_loss, per_row_hint
-    from fmtransfer.methods.fitnet import hint_loss
+    from fmtransfer.methods.losses import hint_loss, mixture_task_loss, per_row_hint
 
     s, t = torch.tensor([[1.0, 3.0], [0.0, 2.0]]), torch.tensor([[3.0, 1.0], [5.0, 9.0]])
     # LN of a 2-vector is (-1, 1) or (1, -1) (up to eps): row 0 is opposite (MSE 4), row 1 aligned (0)

@@ -63,8 +63,7 @@ from fmtransfer.config import MethodConfig
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ConfigError
 from fmtransfer.methods.base import Built, Method, committee
-from fmtransfer.methods.dd_terms import mixture_task_loss, per_row_hint
-from fmtransfer.methods.losses import per_row_kd, per_row_task_loss
+from fmtransfer.methods.losses import masked_mean, mixture_task_loss, per_row_hint, per_row_kd, per_row_task_loss
 from fmtransfer.models.base import TaskModel, mlp
 from fmtransfer.plots import lines, stacked_bars
 from fmtransfer.ranges import at_least
@@ -353,8 +352,7 @@ class DiverseDistill(Method):
         offset = self.student.offset(batch)
         pred = self.student.head(z) + offset
         per_task = per_row_task_loss(pred, batch["y"], self.task_type)
-        m = labeled.float()
-        task = (per_task * m).sum() / m.sum().clamp(min=1.0)
+        task = masked_mean(per_task, labeled.float())
 
         extra = self.gate_extra(pred, batch)
         alpha = self.importance(z, extra)
@@ -378,10 +376,9 @@ class DiverseDistill(Method):
             else:
                 a_k = self.answer[k](torch.cat([self.proj[k](t_reps[k]), q + self.teacher_embed[k]], -1))
             align.append(1 - F.cosine_similarity(z, a_k, dim=-1))
-            mk = (labeled & keep[:, k]).float()
             with torch.set_grad_enabled(torch.is_grad_enabled() and c.l_ans != 0):  # at 0 it is only reported
                 per_ans = per_row_task_loss(self.student.head(a_k) + offset, batch["y"], self.task_type)
-            ans.append((per_ans * mk).sum() / mk.sum().clamp(min=1.0))
+            ans.append(masked_mean(per_ans, (labeled & keep[:, k]).float()))
             kd.append(per_row_kd(pred, t_outs[k], self.task_type, self._temperature(n)))
             if needs_t_loss:
                 t_loss.append(per_row_task_loss(t_outs[k], batch["y"], self.task_type))
@@ -401,14 +398,13 @@ class DiverseDistill(Method):
             out["hint"] = hint_t.detach()
         if c.importance == "learned":
             if c.gate_target == "disagreement":  # any row that ran the teacher; the target is its KD term
-                gate = _masked_mse(self.gate_scores(z, extra), torch.stack(kd, -1).detach(), keep)
+                gate = masked_mean((self.gate_scores(z, extra) - torch.stack(kd, -1).detach()) ** 2, keep.float())
             elif c.gate_target == "confidence":  # any row that ran the teacher; the target is -entropy
                 logp = torch.stack([F.log_softmax(o.detach().float(), -1) for o in t_outs], 1)
-                gate = _masked_mse(self.gate_scores(z, extra), (logp.exp() * logp).sum(-1), keep)
+                gate = masked_mean((self.gate_scores(z, extra) - (logp.exp() * logp).sum(-1)) ** 2, keep.float())
             elif c.gate_target == "reliability":  # labeled rows whose teachers all ran: which blend fits y
-                full = (labeled & keep.all(-1)).float()
                 mix = mixture_task_loss(alpha, [o.detach() for o in t_outs], batch["y"], self.task_type)
-                gate = (mix * full).sum() / full.sum().clamp(min=1.0)
+                gate = masked_mean(mix, (labeled & keep.all(-1)).float())
             else:  # the gate learns only from labeled rows whose teachers ran
                 seen = labeled.unsqueeze(-1) & keep
                 gate = self._gate_loss(z, torch.stack(t_loss, -1).detach(), per_task.detach(), seen, extra)
@@ -430,12 +426,11 @@ class DiverseDistill(Method):
         """The gate's own objective on the (row, teacher) pairs in `seen` (labeled rows whose teacher ran)."""
         g = self.gate_scores(z, extra)
         if self.c.gate_target == "benefit":
-            return _masked_mse(g, student_loss.unsqueeze(-1) - teacher_loss, seen)
+            return masked_mean((g - (student_loss.unsqueeze(-1) - teacher_loss)) ** 2, seen.float())
         # correctness: cross-entropy to softmax(-loss / target_tau) over the teachers, on rows where all ran
-        full = seen.all(-1).float()
         target = torch.softmax(-teacher_loss / self.c.target_tau, -1)
         per_row = -(target * F.log_softmax(g / self.c.tau, -1)).sum(-1)
-        return (per_row * full).sum() / full.sum().clamp(min=1.0)
+        return masked_mean(per_row, seen.all(-1).float())
 
     def diagnostics(self) -> dict[str, Any]:
         """Teacher pairs kept/skipped by filtering and the mean importance of each teacher over training."""
@@ -501,11 +496,6 @@ class TokenAnswer(nn.Module):
         kv = self.proj(tokens)
         ctx, _ = self.attn(query.unsqueeze(1), kv, kv, need_weights=False)
         return self.out(torch.cat([ctx.squeeze(1), query], -1))
-
-
-def _masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.float()
-    return (((pred - target) ** 2) * m).sum() / m.sum().clamp(min=1.0)
 
 
 METHODS.register("diverse_distill", DiverseDistillConfig, DiverseDistill)

@@ -12,13 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fmtransfer.config import MethodConfig
 from fmtransfer.data.base import TaskData
 from fmtransfer.methods.base import Built, Method, pick_teacher
-from fmtransfer.methods.losses import distill_loss, masked_task_loss
+from fmtransfer.methods.losses import distill_loss, hint_loss, masked_task_loss
 from fmtransfer.models.base import TaskModel
 from fmtransfer.registry import METHODS
 
@@ -32,14 +31,6 @@ class FitNetConfig(MethodConfig):
     temperature: float = 4.0
     task_weight: float = 1.0
     normalize: bool = True
-
-
-def hint_loss(student_rep: torch.Tensor, teacher_rep: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-    """MSE between the projected student representation and the teacher's (both layer-normed if asked)."""
-    if normalize:
-        student_rep = F.layer_norm(student_rep.float(), student_rep.shape[-1:])
-        teacher_rep = F.layer_norm(teacher_rep.float(), teacher_rep.shape[-1:])
-    return F.mse_loss(student_rep.float(), teacher_rep.float())
 
 
 class FitNet(Method):

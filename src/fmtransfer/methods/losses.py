@@ -65,3 +65,42 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, task_type: str,
     if task_type == "regression":
         return kd_regression(student, teacher)
     return kd_logits(student, teacher, temperature)
+
+
+def _layer_normed(student_rep: torch.Tensor, teacher_rep: torch.Tensor,
+                  normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both representations in float, each layer-normed over its last dimension when `normalize` is set."""
+    if normalize:
+        return (F.layer_norm(student_rep.float(), student_rep.shape[-1:]),
+                F.layer_norm(teacher_rep.float(), teacher_rep.shape[-1:]))
+    return student_rep.float(), teacher_rep.float()
+
+
+def hint_loss(student_rep: torch.Tensor, teacher_rep: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """FitNets' hint: MSE between the projected student representation and the teacher's (both layer-normed
+    if asked)."""
+    return F.mse_loss(*_layer_normed(student_rep, teacher_rep, normalize))
+
+
+def per_row_hint(student_proj: torch.Tensor, teacher_rep: torch.Tensor) -> torch.Tensor:
+    """(B,) the layer-normed hint of each row, so DiverseDistill can weigh it per (row, teacher) like its KD
+    terms; its mean over rows is `hint_loss`."""
+    s, t = _layer_normed(student_proj, teacher_rep, True)
+    return ((s - t) ** 2).mean(-1)
+
+
+def mixture_task_loss(alpha: torch.Tensor, outs: list[torch.Tensor], y: torch.Tensor,
+                      task_type: str) -> torch.Tensor:
+    """(B,) task loss of the alpha-weighted teacher mixture: squared error of the mixed prediction
+    (regression), or negative log of the mixed probability of the label (classification).
+
+    DiverseDistill's `reliability` gate target: the gate learns which blend of teachers fits the labels.
+    `alpha` is (B, K) with rows summing to 1; `outs` are the K teachers' outputs (detached by the caller
+    when only alpha should learn).
+    """
+    if task_type == "regression":
+        mix = sum(alpha[:, k] * o.float().reshape(len(alpha)) for k, o in enumerate(outs))
+        return (mix - y.float().reshape(len(alpha))) ** 2
+    probs = torch.stack([F.softmax(o.float(), -1) for o in outs], 1)  # (B, K, C)
+    mix = (alpha.unsqueeze(-1) * probs).sum(1)
+    return -torch.log(mix.gather(1, y.long().view(-1, 1)).squeeze(1).clamp(min=1e-12))
