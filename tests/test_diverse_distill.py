@@ -375,3 +375,20 @@ def test_confidence_gate_trusts_the_teacher_that_is_sure_on_the_row() -> None:
     expect = torch.softmax(neg_h, -1)[:, wide]  # alpha = softmax(-entropy): 0.5 on even rows, ~0.34 on odd
     assert abs(float(alpha[~odd, wide].mean() - expect[~odd].mean())) < 0.03
     assert abs(float(alpha[odd, wide].mean() - expect[odd].mean())) < 0.03 and float(expect[odd].mean()) < 0.4
+
+
+def test_product_combine_is_one_kd_term_to_the_committees_geometric_mean() -> None:
+    """`combine: product`: kd = KD(student, softmax(sum_k w_k log softmax(t_k / T))) per row; with one teacher
+    it equals the default mixture exactly, and a row's skipped teacher drops out of its product."""
+    from fmtransfer.methods.losses import per_row_kd
+    method, batch = _strong_method("importance: equal, filter: false, combine: product")
+    plain, _ = _strong_method("importance: equal, filter: false")
+    z = method.student.body(batch)
+    pred = method.student.head(z) + method.student.offset(batch)
+    logp = sum(0.5 * F.log_softmax(batch[f"teacher:{n}"] / 4.0, -1) for n in method.names)
+    expect = per_row_kd(pred, logp * 4.0, "classification", 4.0).mean()
+    assert torch.allclose(method(batch)["kd"], expect, atol=1e-5)
+    assert not torch.allclose(plain(batch)["kd"], expect, atol=1e-3)  # the mixture's sum of KL terms differs
+    one, b1 = _strong_method("importance: equal, filter: false, combine: product, teachers: [fm]")
+    ref, _ = _strong_method("importance: equal, filter: false, teachers: [fm]")
+    assert torch.allclose(one(b1)["kd"], ref(b1)["kd"], atol=1e-6)

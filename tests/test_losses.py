@@ -146,3 +146,20 @@ def test_diverse_distill_hint_and_mixture_terms_golden() -> None:
     logits = [torch.tensor([[big, 0.0], [big, 0.0]]), torch.tensor([[0.0, big], [0.0, big]])]
     cls = mixture_task_loss(alpha, logits, torch.tensor([0, 1]), "classification")
     torch.testing.assert_close(cls, -torch.log(torch.tensor([0.75, 0.5])), atol=1e-5, rtol=0)
+
+
+def test_product_target_is_the_weighted_geometric_mean_golden() -> None:
+    """Two teachers over 2 classes, weights 0.75 / 0.25, T = 1: softmax(target) is p1^0.75 p2^0.25 normalised
+    (hand-computed); for regression the weighted mean; at T = 2 each teacher's logits are softened first."""
+    from fmtransfer.methods.losses import product_target
+    w = torch.tensor([[0.75, 0.25]])
+    t1, t2 = torch.tensor([[math.log(0.9), math.log(0.1)]]), torch.tensor([[math.log(0.2), math.log(0.8)]])
+    q = product_target(w, [t1, t2], "classification", [1.0, 1.0], 1.0).softmax(-1)
+    a, b = 0.9 ** 0.75 * 0.2 ** 0.25, 0.1 ** 0.75 * 0.8 ** 0.25  # 0.6179, 0.1682
+    assert torch.allclose(q, torch.tensor([[a / (a + b), b / (a + b)]]), atol=1e-6)
+    assert abs(float(q[0, 0]) - 0.78606) < 1e-4  # the arithmetic mixture would give 0.725
+    reg = product_target(torch.tensor([[0.75, 0.25], [0.5, 0.5]]), [torch.tensor([4.0, 2.0]), torch.tensor([0.0, 4.0])],
+                         "regression", [1.0, 1.0], 1.0)
+    assert torch.allclose(reg, torch.tensor([3.0, 3.0]))
+    soft = product_target(torch.tensor([[1.0, 0.0]]), [t1 * 2, t2], "classification", [2.0, 1.0], 3.0)
+    assert torch.allclose((soft / 3.0).softmax(-1), torch.tensor([[0.9, 0.1]]), atol=1e-6)  # t1*2 at T=2 is t1

@@ -27,7 +27,8 @@ Our reading of DiverseDistill (only the abstract was available; every choice is 
   run on cached outputs trains exactly as a live one would; `teacher_source: live` runs each teacher's
   module on its kept rows only and counts the rows it really ran.
 - loss = task + l_align * sum_k w_k (1 - cos(z_s, a_k)) + l_ans * mean_k task_loss(S_head(a_k), y | kept)
-         + l_kd * sum_k w_k KD(t_k, s) + l_gate * gate_loss,  w = alpha over the kept teachers.
+         + l_kd * sum_k w_k KD(t_k, s) + l_gate * gate_loss,  w = alpha over the kept teachers;
+  `combine: product` replaces the KD sum by one term to the kept teachers' weighted product of experts.
   Defaults l_align 0.1, l_ans 0: on movielens validation the align and answer terms at 1.0 / 0.5 cost
   0.004 RMSE against the committee's KD terms alone.
 - Options for a teacher far ahead of the student (issue 14; defaults keep every earlier result):
@@ -63,7 +64,14 @@ from fmtransfer.config import MethodConfig
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ConfigError
 from fmtransfer.methods.base import Built, Method, committee
-from fmtransfer.methods.losses import masked_mean, mixture_task_loss, per_row_hint, per_row_kd, per_row_task_loss
+from fmtransfer.methods.losses import (
+    masked_mean,
+    mixture_task_loss,
+    per_row_hint,
+    per_row_kd,
+    per_row_task_loss,
+    product_target,
+)
 from fmtransfer.models.base import TaskModel, mlp
 from fmtransfer.plots import lines, stacked_bars
 from fmtransfer.ranges import at_least
@@ -127,6 +135,11 @@ class DiverseDistillConfig(MethodConfig):
     foundation_warmup_steps: int = field(default=0, metadata=at_least(0))
     """Teacher-assistant order: the foundation teachers' weights ramp linearly 0 -> 1 over this many training
     steps (the complementary teachers teach alone at first); 0 = off."""
+    combine: Literal["mixture", "product"] = "mixture"
+    """How the kept teachers' outputs combine into the student's KD target: `mixture` = sum_k w_k KD(t_k, s)
+    (its minimiser is the w-weighted mixture of the teachers' distributions); `product` = one KD term to
+    the w-weighted product of experts (geometric mean of the softened distributions: `losses.product_target`;
+    for regression the weighted mean). The gate's targets are the per-teacher terms either way."""
     l_hint: float = field(default=0.0, metadata=at_least(0))
     """Weight of a FitNets-strength hint per teacher: sum_k w_k MSE(LN(P_k z_s), LN(h_k)) with a linear
     projector per teacher, weighted like the KD terms; 0 = off (no projector is built)."""
@@ -385,7 +398,13 @@ class DiverseDistill(Method):
             if c.l_hint > 0:
                 hint.append(per_row_hint(self.hint_proj[k](z), t_reps[k]))
         align_t = (w * torch.stack(align, -1)).sum(-1).mean()
-        kd_t = (w * torch.stack(kd, -1)).sum(-1).mean()
+        if c.combine == "product":  # one KD term per row, to the kept teachers' product of experts
+            target = product_target(w, t_outs, self.task_type, [self._temperature(n) for n in self.names],
+                                    c.temperature)
+            ran = (w.sum(-1) > 0).float()  # a row with no kept teacher (warm-up at 0) gets no KD term
+            kd_t = (ran * per_row_kd(pred, target, self.task_type, c.temperature).reshape(len(ran))).mean()
+        else:
+            kd_t = (w * torch.stack(kd, -1)).sum(-1).mean()
         ans_t = torch.stack(ans).mean()
         loss = c.task_weight * task + c.l_align * align_t
         if c.l_ans != 0:  # at 0 the term is reported, not trained (x + 0.0 == x: the same loss)

@@ -104,3 +104,19 @@ def mixture_task_loss(alpha: torch.Tensor, outs: list[torch.Tensor], y: torch.Te
     probs = torch.stack([F.softmax(o.float(), -1) for o in outs], 1)  # (B, K, C)
     mix = (alpha.unsqueeze(-1) * probs).sum(1)
     return -torch.log(mix.gather(1, y.long().view(-1, 1)).squeeze(1).clamp(min=1e-12))
+
+
+def product_target(weights: torch.Tensor, outs: list[torch.Tensor], task_type: str,
+                   temperatures: list[float], t: float) -> torch.Tensor:
+    """The committee's product of experts, as teacher logits for `per_row_kd` at temperature `t`.
+
+    For classes, softmax(result / t) is the weighted geometric mean of the teachers' softened
+    distributions, softmax(sum_k w_k log softmax(t_k / T_k)): a class every confident teacher rules out
+    stays out, where the arithmetic mixture (the minimiser of sum_k w_k KL) keeps half its mass. For
+    regression it is the weighted mean. `weights` (B, K) rows sum to 1 (or 0 where no teacher ran).
+    """
+    if task_type == "regression":
+        return sum(weights[:, k].reshape(-1, *[1] * (o.dim() - 1)) * o.float() for k, o in enumerate(outs))
+    logp = sum(weights[:, k:k + 1] * F.log_softmax(o.float() / tk, -1)
+               for k, (o, tk) in enumerate(zip(outs, temperatures, strict=True)))
+    return logp * t
