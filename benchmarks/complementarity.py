@@ -2,9 +2,12 @@
 
 A committee method can only transfer more than single-teacher KD where some teacher is right where the best
 one is wrong. This script measures that headroom on a setting's prepared teachers, per seed, without training
-anything: each teacher alone, the uniform mixture, the best fixed mixture weight chosen on validation (scored
-on test and OOD), and an oracle that picks the better teacher per row (an upper bound no gate reaches).
+anything: each teacher alone, the uniform mixture and (classes) the product of experts, the best fixed
+mixture weight chosen on validation (scored on test and OOD), and an oracle that picks the better teacher
+per row (an upper bound no gate reaches).
 For classification it also counts the rows where the FM is wrong and a complementary teacher is right.
+The `transfer` column is what distillation reads: the unlabeled training rows, scored with their held-back
+labels (no method sees them).
 
     python benchmarks/complementarity.py configs/reviews/strong/student.yaml --seeds 0 1 2 \\
         --set cache_dir=/work/fmcache
@@ -46,7 +49,7 @@ def _main_metric(task: Any, scores: dict[str, float]) -> float:
 
 
 def _splits(task: Any) -> dict[str, torch.Tensor]:
-    out = {"val": task.splits["val"], "test": task.splits["test"]}
+    out = {"transfer": task.splits["transfer"], "val": task.splits["val"], "test": task.splits["test"]}
     out.update({f"ood/{s}": task.splits[f"ood/{s}"] for s in task.ood_suites})
     return out
 
@@ -77,6 +80,8 @@ def seed_report(config: str, seed: int, overrides: list[str], fm_name: str) -> d
         if name == fm_name:
             continue
         score(f"{fm_name}+{name} (0.5)", _mix(task, fm, out, 0.5))
+        if not lower:  # the product of experts: what `combine: product` distils (the mixture is the default)
+            score(f"{fm_name}*{name} (product, 0.5)", 0.5 * (fm.log_softmax(-1) + out.log_softmax(-1)))
         val = splits["val"]
         best_w = (min if lower else max)(
             WEIGHTS, key=lambda w: _main_metric(task, task.score(_mix(task, fm, out, w)[val], val)))
@@ -101,8 +106,8 @@ def main() -> None:
     names = [n for n in per_seed[0] if all(n.split(" (w=")[0] in {m.split(" (w=")[0] for m in p} for p in per_seed)]
     split_names = list(per_seed[0][names[0]])
     ood = [s for s in split_names if s.startswith("ood/")]
-    print(f"{args.config}, seeds {args.seeds}: mean ± std over seeds (val, test, OOD mean)")
-    print("| row | val | test | OOD mean |\n|---|---|---|---|")
+    print(f"{args.config}, seeds {args.seeds}: mean ± std over seeds (transfer rows, val, test, OOD mean)")
+    print("| row | transfer | val | test | OOD mean |\n|---|---|---|---|---|")
     for n in names:
         key = n.split(" (w=")[0]
         found = [next(v for m, v in p.items() if m.split(" (w=")[0] == key) for p in per_seed]
@@ -110,7 +115,7 @@ def main() -> None:
             next(m for m in p if m.split(" (w=")[0] == key).split("w=")[1].split(" ")[0] for p in per_seed) + ")"
             if "(w=" in n else "")
         cells = []
-        for split in ("val", "test"):
+        for split in ("transfer", "val", "test"):
             v = np.array([f[split] for f in found])
             cells.append(f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0:.4f}")
         o = np.array([np.mean([f[s] for s in ood]) for f in found]) if ood else np.array([np.nan])
