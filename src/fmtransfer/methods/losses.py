@@ -111,8 +111,8 @@ def product_target(weights: torch.Tensor, outs: list[torch.Tensor], task_type: s
     """The committee's product of experts, as teacher logits for `per_row_kd` at temperature `t`.
 
     For classes, softmax(result / t) is the weighted geometric mean of the teachers' softened
-    distributions, softmax(sum_k w_k log softmax(t_k / T_k)): a class every confident teacher rules out
-    stays out, where the arithmetic mixture (the minimiser of sum_k w_k KL) keeps half its mass. For
+    distributions, softmax(sum_k w_k log softmax(t_k / T_k)): a class that one confident teacher rules out
+    stays out, where the arithmetic mixture (the minimiser of sum_k w_k KL) keeps the others' mass on it. For
     regression it is the weighted mean. `weights` (B, K) rows sum to 1 (or 0 where no teacher ran).
     """
     if task_type == "regression":
