@@ -12,8 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fmtransfer.config import RunConfig, dump_config, run_config_hash
 from fmtransfer.errors import ArtifactError
 from fmtransfer.integrity import check, publish, remove_stale_temps
+from fmtransfer.utils import apply_num_threads, seed_everything
 
 DEBUG_DUMP_ENV = "FMTRANSFER_DEBUG_DUMP_STATE"
 """Tests set this to a folder: every rank writes its final trainable state there."""
@@ -25,6 +27,18 @@ RUN_FILES = ("config.yaml", "checkpoint.pt", "student.safetensors", "metrics.jso
 def write_run_file(path: Path, data: bytes) -> None:
     """Write one run file (temp + rename) and its receipt."""
     publish(path, lambda tmp: tmp.write_bytes(data))
+
+
+def start_run_folder(cfg: RunConfig, out: Path, is_main: bool) -> str:
+    """What every run (in-memory or streamed) does first: its threads and seed, and on the main rank a clean
+    run folder holding the resolved config.yaml. Returns the config hash a resumed checkpoint must match."""
+    apply_num_threads(cfg.train.num_threads)
+    seed_everything(cfg.seed)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        clean_run_dir(out)
+        write_run_file(out / "config.yaml", dump_config(cfg).encode())
+    return run_config_hash(cfg)
 
 
 def write_run_json(path: Path, obj: Any) -> None:

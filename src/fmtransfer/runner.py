@@ -21,27 +21,20 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from fmtransfer.config import RunConfig, dump_config, run_config_hash, to_dict
+from fmtransfer.config import RunConfig, to_dict
 from fmtransfer.data.base import TaskData
 from fmtransfer.errors import ConfigError
 from fmtransfer.evaluate import gap_recovered
 from fmtransfer.integrity import publish
 from fmtransfer.methods.base import BuildContext, build_method
 from fmtransfer.registry import METHODS, TASKS
-from fmtransfer.runfiles import (
-    DEBUG_DUMP_ENV,
-    clean_run_dir,
-    format_summary,
-    read_metrics,
-    write_run_file,
-    write_run_json,
-)
+from fmtransfer.runfiles import DEBUG_DUMP_ENV, format_summary, read_metrics, start_run_folder, write_run_json
 from fmtransfer.serving.manifest import PREPROCESSING_NAME
 from fmtransfer.teachers.base import PreparedTeacher, find_prepared, prepare_teacher
 from fmtransfer.train.distributed import DistContext, init_distributed, shutdown
 from fmtransfer.train.loggers import EpochLog, JsonlLog
 from fmtransfer.train.loop import fit, planned_steps, predict_rows
-from fmtransfer.utils import atomic_write_json, count_params, seed_everything, stable_hash
+from fmtransfer.utils import apply_num_threads, atomic_write_json, count_params, stable_hash
 
 
 def build_task(cfg: RunConfig) -> TaskData:
@@ -94,12 +87,6 @@ def prepare_teachers(cfg: RunConfig, task: TaskData, names: list[str], ctx: Dist
     return {name: prepare(name) for name in names}
 
 
-def apply_num_threads(cfg: RunConfig) -> None:
-    """`train.num_threads` (when set) for this process's torch ops: every command that computes honours it."""
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-
-
 def cached_reference(cfg: RunConfig, task: TaskData, name: str) -> PreparedTeacher | None:
     """Reference teacher `name` as already prepared in the cache (its distill_from chain too), or None."""
     tcfg = cfg.teachers[name]
@@ -117,7 +104,7 @@ def cache_teachers(cfg: RunConfig, names: list[str] | None = None) -> dict[str, 
     unknown = [n for n in names or [] if n not in cfg.teachers]
     if unknown:
         raise ConfigError(f"--teacher {unknown[0]!r} is not a configured teacher (allowed: {', '.join(cfg.teachers)})")
-    apply_num_threads(cfg)
+    apply_num_threads(cfg.train.num_threads)
     ctx = init_distributed(cfg.train.device)
     try:
         if getattr(cfg.task, "streamed", False):  # table_stream: sharded teacher passes (stream_run.py)
@@ -163,13 +150,7 @@ def run_experiment(cfg: RunConfig, out_dir: str | Path, resume: bool = False, qu
 
 def _run(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool,
          keep: dict[str, Any] | None = None) -> dict[str, Any]:
-    apply_num_threads(cfg)
-    seed_everything(cfg.seed)
-    config_hash = run_config_hash(cfg)
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        clean_run_dir(out)
-        write_run_file(out / "config.yaml", dump_config(cfg).encode())
+    config_hash = start_run_folder(cfg, out, ctx.is_main)
     log = JsonlLog(out / "log.jsonl" if ctx.is_main else None)
     epoch_log = EpochLog(log.phase("train"), cfg.train.loggers, out) if ctx.is_main and cfg.train.loggers else None
     t_start = time.perf_counter()

@@ -25,17 +25,17 @@ from safetensors.torch import load_file, save_file
 
 from fmtransfer.cache.rows import ShardedRows
 from fmtransfer.cache.store import FeatureStore, FieldSpec
-from fmtransfer.config import RunConfig, TeacherConfig, dump_config, run_config_hash, to_dict
+from fmtransfer.config import RunConfig, TeacherConfig, to_dict
 from fmtransfer.data.stream import StreamTask, open_stream_task
 from fmtransfer.errors import ConfigError
 from fmtransfer.integrity import publish
 from fmtransfer.methods.base import BuildContext, build_method
 from fmtransfer.registry import METHODS, RECIPES
-from fmtransfer.runfiles import DEBUG_DUMP_ENV, clean_run_dir, format_summary, write_run_file, write_run_json
+from fmtransfer.runfiles import DEBUG_DUMP_ENV, format_summary, start_run_folder, write_run_json
 from fmtransfer.train.distributed import DistContext
 from fmtransfer.train.loggers import JsonlLog
 from fmtransfer.train.loop import fit
-from fmtransfer.utils import atomic_write_json, count_params, seed_everything, stable_hash
+from fmtransfer.utils import atomic_write_json, count_params, stable_hash
 
 STREAM_TEACHER_VERSION = 1
 
@@ -166,14 +166,7 @@ def cache_stream(cfg: RunConfig, names: list[str] | None, ctx: DistContext) -> d
 
 def run_stream(cfg: RunConfig, out: Path, resume: bool, ctx: DistContext, quiet: bool) -> dict[str, Any]:
     """One experiment on a streamed task; writes the same files as a run on an in-memory task."""
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-    seed_everything(cfg.seed)
-    config_hash = run_config_hash(cfg)
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        clean_run_dir(out)
-        write_run_file(out / "config.yaml", dump_config(cfg).encode())
+    config_hash = start_run_folder(cfg, out, ctx.is_main)
     log = JsonlLog(out / "log.jsonl" if ctx.is_main else None)
     t0 = time.perf_counter()
     task = open_task(cfg, ctx)

@@ -128,5 +128,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def apply_num_threads(num_threads: int | None) -> None:
+    """`train.num_threads` (when set) for this process's torch ops: every command that computes honours it."""
+    if num_threads:
+        torch.set_num_threads(num_threads)
+
+
 def count_params(module: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
