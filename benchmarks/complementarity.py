@@ -55,7 +55,8 @@ def _splits(task: Any) -> dict[str, torch.Tensor]:
 
 
 def seed_report(config: str, seed: int, overrides: list[str], fm_name: str) -> dict[str, dict[str, float]]:
-    """{row name: {split: metric}} for one seed: teachers, mixtures with the FM, oracles, disagreement counts."""
+    """{row name: {split: metric}} for one seed: teachers, mixtures with the FM, oracles, disagreement counts
+    (the row of the weight chosen on validation also holds that weight as "w")."""
     cfg = load_config(config, [*overrides, f"seed={seed}"])
     task = build_task(cfg)
     teachers = {}
@@ -85,7 +86,8 @@ def seed_report(config: str, seed: int, overrides: list[str], fm_name: str) -> d
         val = splits["val"]
         best_w = (min if lower else max)(
             WEIGHTS, key=lambda w: _main_metric(task, task.score(_mix(task, fm, out, w)[val], val)))
-        score(f"{fm_name}+{name} (w={best_w:.1f} on val)", _mix(task, fm, out, best_w))
+        score(f"{fm_name}+{name} (w on val)", _mix(task, fm, out, best_w))
+        rows[f"{fm_name}+{name} (w on val)"]["w"] = best_w  # the FM's weight, chosen per seed
         rows[f"oracle {fm_name}|{name}"] = {
             s: _main_metric(task, task.score(_oracle(task, fm[r], out[r], r), r)) for s, r in splits.items()}
         if not lower:
@@ -103,17 +105,13 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
     per_seed = [seed_report(args.config, s, args.overrides, args.fm) for s in args.seeds]
-    names = [n for n in per_seed[0] if all(n.split(" (w=")[0] in {m.split(" (w=")[0] for m in p} for p in per_seed)]
-    split_names = list(per_seed[0][names[0]])
-    ood = [s for s in split_names if s.startswith("ood/")]
+    names = [n for n in per_seed[0] if all(n in p for p in per_seed)]
+    ood = [s for s in per_seed[0][names[0]] if s.startswith("ood/")]
     print(f"{args.config}, seeds {args.seeds}: mean ± std over seeds (transfer rows, val, test, OOD mean)")
     print("| row | transfer | val | test | OOD mean |\n|---|---|---|---|---|")
     for n in names:
-        key = n.split(" (w=")[0]
-        found = [next(v for m, v in p.items() if m.split(" (w=")[0] == key) for p in per_seed]
-        label = key + (" (w on val: " + ", ".join(
-            next(m for m in p if m.split(" (w=")[0] == key).split("w=")[1].split(" ")[0] for p in per_seed) + ")"
-            if "(w=" in n else "")
+        found = [p[n] for p in per_seed]
+        label = n if "w" not in found[0] else f"{n}: " + ", ".join(f"{f['w']:.1f}" for f in found)
         cells = []
         for split in ("transfer", "val", "test"):
             v = np.array([f[split] for f in found])

@@ -32,7 +32,7 @@ def test_oracle_bounds_every_teacher_and_shares_match_the_outputs(tmp_path: Path
     splits = ["transfer", "val", "test"]
     for s in splits:  # a per-row pick of the better teacher is never worse than either teacher
         assert rows["oracle wide|small"][s] >= max(rows["wide"][s], rows["small"][s])
-    chosen = next(k for k in rows if k.startswith("wide+small (w="))
+    chosen = "wide+small (w on val)"
     assert rows[chosen]["val"] >= rows["wide+small (0.5)"]["val"]  # the weight is the best of a grid with 0.5
     cfg = load_config(path)
     task = build_task(cfg)
